@@ -91,7 +91,8 @@ def _read_local_file(path: Path, wanted: str | None) -> list[str]:
                 data = lists[0]
             elif lists:
                 keys = [k for k, v in data.items() if isinstance(v, list)]
-                data = [dict(zip(keys, row, strict=True)) for row in zip(*(data[k] for k in keys), strict=False)]
+                rows = zip(*(data[k] for k in keys), strict=False)
+                data = [dict(zip(keys, row, strict=True)) for row in rows]
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a list of records")
         return _records_to_texts(data, wanted)

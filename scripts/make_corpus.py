@@ -14,8 +14,9 @@ import time
 import torch
 
 TOPICS = """the water cycle; volcanoes; the Roman Empire; honey bees; the printing press;
-black holes; photosynthesis; the history of chess; how vaccines work; the Great Wall of China; coral reefs;
-the steam engine; the human heart; electricity; the Moon landing; rainforests; the Internet;
+black holes; photosynthesis; the history of chess; how vaccines work; the Great Wall of China;
+coral reefs; the steam engine; the human heart; electricity; the Moon landing; rainforests;
+the Internet;
 ancient Egypt; earthquakes; the violin; the Silk Road; dinosaurs; recycling; the immune system;
 windmills; the Olympic Games; glaciers; bread baking; the telescope; migratory birds; deserts;
 the French Revolution; bicycles; tides; the periodic table; jazz music; trains; mushrooms;
