@@ -11,7 +11,6 @@ training, and writes the student (safetensors, tokenizer, resolved config), a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from kd import evaluate
+from kd import pipeline
 from kd.config import load_config
-from kd.export import save_student, write_json
+from kd.export import write_json
 from kd.train import Run, load_state_dict, setup, state_dict, train
 
 CKPT = "checkpoint"
@@ -74,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    started = time.time()
     ckpt_path = out / CKPT / "state.pt"
     resume = args.resume and ckpt_path.is_file()
+    if not resume:  # a fresh run must not reuse an old run's "before" numbers
+        (out / pipeline.BEFORE).unlink(missing_ok=True)
     state = torch.load(ckpt_path, weights_only=False) if resume else None
     run = setup(
         cfg,
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data: {len(run.train_data)} training blocks, {len(run.eval_data)} held-out blocks "
         f"of {cfg.max_seq_len} tokens"
     )
-    kwargs = dict(batch_size=cfg.per_device_batch_size, max_blocks=cfg.max_eval_blocks)
-    before = evaluate.compare(run.teacher, run.student, run.eval_data, **kwargs)
+    before = pipeline.evaluate_before(run, out)
     print(
         f"held-out perplexity: teacher {before['teacher_ppl']:.2f}, "
         f"student before training {before['student_ppl']:.2f}"
@@ -97,41 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     if state is not None:
         load_state_dict(run, state)
         print(f"resumed from {ckpt_path} at step {run.step}")
-    t_train = time.perf_counter()
     history: list[dict[str, float]] = []
 
     def report(m: dict[str, float]) -> None:
         history.append(dict(m))
         print(f"[train] {_fmt(m)}", flush=True)
 
+    t_train = time.perf_counter()
     train(run, report=report, checkpoint=lambda r: save_checkpoint(r, out))
     train_s = time.perf_counter() - t_train
-    run.student.eval()
-    after = evaluate.compare(run.teacher, run.student, run.eval_data, **kwargs)
-    folder = save_student(
-        run.student, run.tokenizer, cfg, out, extra={"kept_layers": run.kept_layers}
-    )
-    wall = time.perf_counter() - t0
-    metrics = {
-        "teacher_ppl": before["teacher_ppl"],
-        "student_ppl_before": before["student_ppl"],
-        "student_ppl_after": after["student_ppl"],
-        "top1_agreement_before": before["top1_agreement"],
-        "top1_agreement_after": after["top1_agreement"],
-        "kl_before": before["kl_teacher_student"],
-        "kl_after": after["kl_teacher_student"],
-        "eval_tokens": after["eval_tokens"],
-        "train_seconds": train_s,
-        "wall_seconds": wall,
-        "student_selection": run.selection,
-        "history": history,
-    }
-    write_json(out / "metrics.json", metrics)
-    print(json.dumps({k: v for k, v in metrics.items() if k not in ("history",)}, indent=1))
+    metrics = pipeline.finalize(run, out, before, history, train_s, started)
     print(
-        f"\nheld-out perplexity  teacher {metrics['teacher_ppl']:.2f} | student before "
-        f"{metrics['student_ppl_before']:.2f} -> after {metrics['student_ppl_after']:.2f}\n"
-        f"student written to {folder}  (wall time {wall:.0f}s, training {train_s:.0f}s)"
+        f"\n{pipeline.summary_line(metrics)}\nstudent written to {out / 'student'} "
+        f"(wall time {metrics['wall_seconds']:.0f}s, training {train_s:.0f}s)"
     )
     return 0
 

@@ -130,6 +130,7 @@ class DistillConfig(BaseModel):
 
     # ---- execution ----------------------------------------------------------------
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
+    cpus_per_worker: int = Field(1, ge=1, le=512, description="CPU cores (threads) per worker.")
     use_gpu: bool = Field(False, description="Train on GPUs (NCCL) instead of CPUs (gloo).")
     max_failures: int = Field(2, ge=-1, le=100, description="Worker-failure retries; -1: ∞.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

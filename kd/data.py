@@ -246,7 +246,7 @@ class BlockSampler:
         self.n, self.bs, self.seed, self.rank, self.world = n_blocks, batch_size, seed, rank, world
         self.per_rank = n_blocks // world
         self.batches_per_epoch = self.per_rank // batch_size
-        self.epoch, self.pos = 0, 0
+        self.epoch, self.pos, self.served = 0, 0, 0
         self._perm = self._make_perm()
 
     def _make_perm(self) -> Tensor:
@@ -260,11 +260,13 @@ class BlockSampler:
             self._perm = self._make_perm()
         idx = self._perm[self.pos * self.bs : (self.pos + 1) * self.bs]
         self.pos += 1
+        self.served += int(idx.numel())
         return idx
 
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "served": self.served}
 
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self.served = int(state.get("served", 0))
         self._perm = self._make_perm()

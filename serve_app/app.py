@@ -1,0 +1,95 @@
+"""The Ray Serve application: a FastAPI ingress deployment.
+
+    serve run serve_app.app:app                        # settings from LLM2SLM_* env vars
+    serve run serve_app.app:app_builder storage_root=/data max_concurrent_jobs=4
+
+The same import path goes into a Serve config file (`serve build`) and the RayService
+manifest's serveConfigV2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serve_app import routes, service
+from serve_app.settings import Settings
+
+
+class BodyLimit:
+    """413 for request bodies over the settings' max_body_bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.limit = Settings.model_fields["max_body_bytes"].default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        svc = service.current_or_none()
+        if svc is not None:
+            self.limit = svc.settings.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope, receive, send) -> None:
+        resp = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, 413)
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_api() -> FastAPI:
+    api = FastAPI(
+        title="llm2slm",
+        version="0.1.0",
+        description="Distil a large causal LM into a small one. Jobs run as Ray Jobs.",
+    )
+    api.include_router(routes.public)
+    api.include_router(routes.router)
+    api.add_middleware(BodyLimit)
+    return api
+
+
+api = create_api()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
+@serve.ingress(api)
+class Llm2SlmAPI:
+    def __init__(self, settings: dict[str, Any] | None = None):
+        service.install(service.Service(Settings(**(settings or {}))))
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Typed builder for `serve run serve_app.app:app_builder key=value ...`."""
+    settings = Settings(**args)
+    return Llm2SlmAPI.bind(settings.model_dump(mode="json") | _token(settings))
+
+
+def _token(settings: Settings) -> dict[str, Any]:
+    return {"api_token": settings.api_token.get_secret_value() if settings.api_token else None}
+
+
+app = Llm2SlmAPI.bind()

@@ -1,0 +1,101 @@
+"""Submitting, stopping and inspecting training jobs through Ray's job API.
+
+`JobSubmissionClient` is synchronous: callers run these methods in a thread
+(`asyncio.to_thread`), never on an event loop. The submission id is the job id (or
+`<job_id>--retryN` for a resubmission), which makes submitting idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import threading
+
+from serve_app.settings import Settings
+from train_job.paths import JobPaths
+
+_ENV_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+_env_lock = threading.Lock()
+
+
+class JobLauncher:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._client = None
+
+    def client(self):
+        """The job client for the configured dashboard.
+
+        RAY_ADDRESS / RAY_API_SERVER_ADDRESS would silently override the address we
+        pass (and inside a Ray worker RAY_ADDRESS points at the GCS, not the job API),
+        so they are hidden while the client is built.
+        """
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            with _env_lock:
+                saved = {k: os.environ.pop(k) for k in _ENV_OVERRIDES if k in os.environ}
+                try:
+                    self._client = JobSubmissionClient(self.settings.ray_dashboard_address)
+                finally:
+                    os.environ.update(saved)
+        return self._client
+
+    def entrypoint(self, job_id: str) -> str:
+        paths = JobPaths(self.settings.storage_root, job_id)
+        python = os.environ.get("LLM2SLM_JOB_PYTHON") or (
+            "python" if self.settings.working_dir else sys.executable
+        )
+        args = [
+            python,
+            "-m",
+            "train_job",
+            "--config",
+            str(paths.config),
+            "--job-id",
+            job_id,
+            "--storage",
+            str(paths.root),
+            "--registry",
+            self.settings.registry_spec,
+        ]
+        if self.settings.trust_remote_code:
+            args.append("--trust-remote-code")
+        return shlex.join(args)
+
+    def submit(self, job_id: str, submission_id: str) -> None:
+        runtime_env: dict = {"env_vars": dict(self.settings.job_env)}
+        if self.settings.working_dir:
+            runtime_env["working_dir"] = self.settings.working_dir
+        try:
+            self.client().submit_job(
+                entrypoint=self.entrypoint(job_id),
+                submission_id=submission_id,
+                runtime_env=runtime_env,
+                metadata={"llm2slm_job_id": job_id},
+            )
+        except RuntimeError as e:
+            if "already exists" not in str(e):  # a repeated submit of the same attempt
+                raise
+
+    def stop(self, submission_id: str) -> None:
+        try:
+            self.client().stop_job(submission_id)
+        except RuntimeError as e:
+            if "does not exist" not in str(e) and "not found" not in str(e).lower():
+                raise
+
+    def status(self, submission_id: str) -> tuple[str | None, str | None]:
+        try:
+            info = self.client().get_job_info(submission_id)
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "not found" in str(e).lower():
+                return None, None
+            raise
+        return str(info.status.value if hasattr(info.status, "value") else info.status), (
+            info.message
+        )
+
+    def logs(self, submission_id: str) -> str:
+        return self.client().get_job_logs(submission_id)

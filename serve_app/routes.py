@@ -1,0 +1,118 @@
+"""HTTP routes. Thin: validate, ask the registry, read files; never train in a request."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+
+from kd.config import DistillConfig
+from kd.export import write_json
+from serve_app.schemas import (
+    TERMINAL,
+    ArtifactList,
+    Health,
+    JobPage,
+    JobPublic,
+    JobState,
+    SubmitResponse,
+)
+from serve_app.security import check_token, job_paths, policy_problems, safe_artifact
+from serve_app.service import Service, current
+from train_job.paths import new_job_id, valid_job_id
+
+
+def authorized(request: Request, svc: Annotated[Service, Depends(current)]) -> Service:
+    check_token(request, svc.settings)
+    return svc
+
+
+Svc = Annotated[Service, Depends(authorized)]
+public = APIRouter()
+router = APIRouter()
+
+
+@public.get("/healthz", response_model=Health, tags=["ops"])
+async def healthz(svc: Annotated[Service, Depends(current)]) -> Health:
+    return Health(status="ok", registry=await svc.registry_alive())
+
+
+@router.post("/distill", status_code=202, response_model=SubmitResponse, tags=["jobs"])
+async def distill(
+    cfg: DistillConfig,
+    svc: Svc,
+    job_id: Annotated[str | None, Query(max_length=64, description="Resubmit/resume")] = None,
+) -> SubmitResponse:
+    """Queue a distillation job. Answers at once; the job runs as a Ray Job."""
+    if job_id is not None and not valid_job_id(job_id):
+        raise HTTPException(
+            422,
+            detail=[
+                {
+                    "loc": ["query", "job_id"],
+                    "type": "value_error",
+                    "msg": "job_id: 1-64 letters, digits, '-' or '_'",
+                }
+            ],
+        )
+    problems = policy_problems(cfg, svc.settings)
+    if problems:
+        raise HTTPException(
+            422, detail=[{"loc": ["body", f], "msg": m, "type": "value_error"} for f, m in problems]
+        )
+    job_id = job_id or new_job_id()
+    paths = job_paths(svc.settings, job_id)
+    paths.job_dir.mkdir(parents=True, exist_ok=True)
+    config = cfg.model_dump(mode="json")
+    write_json(paths.config, config)  # the job reads its config from storage
+    job, _ = await svc.registry.create.remote(job_id, config)
+    return SubmitResponse(job_id=job_id, state=job["state"], status_url=f"/status/{job_id}")
+
+
+async def _job(svc: Service, job_id: str) -> dict:
+    job_paths(svc.settings, job_id)  # validates the id
+    job = await svc.registry.get.remote(job_id)
+    if job is None:
+        raise HTTPException(404, detail=f"no job '{job_id}'")
+    return job
+
+
+@router.get("/status/{job_id}", response_model=JobPublic, tags=["jobs"])
+async def status(job_id: str, svc: Svc) -> JobPublic:
+    return JobPublic(**(await _job(svc, job_id)))
+
+
+@router.get("/jobs", response_model=JobPage, tags=["jobs"])
+async def list_jobs(
+    svc: Svc,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    state: JobState | None = None,
+) -> JobPage:
+    jobs, total = await svc.registry.list.remote(offset, limit, state)
+    return JobPage(jobs=[JobPublic(**j) for j in jobs], total=total, offset=offset, limit=limit)
+
+
+@router.delete("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
+async def cancel(job_id: str, svc: Svc) -> JobPublic:
+    """Stop the Ray Job (or drop it from the queue); the state becomes `cancelled`."""
+    job = await _job(svc, job_id)
+    if job["state"] in TERMINAL:
+        raise HTTPException(409, detail=f"job '{job_id}' already {job['state']}")
+    return JobPublic(**(await svc.registry.cancel.remote(job_id)))
+
+
+@router.get("/artifacts/{job_id}", response_model=ArtifactList, tags=["artifacts"])
+async def artifacts(job_id: str, svc: Svc) -> ArtifactList:
+    await _job(svc, job_id)
+    paths = job_paths(svc.settings, job_id)
+    return ArtifactList(job_id=job_id, artifacts=paths.list_artifacts())
+
+
+@router.get("/download/{job_id}/{path:path}", tags=["artifacts"])
+async def download(job_id: str, path: str, svc: Svc) -> FileResponse:
+    """Stream one artifact, with Content-Length; HTTP Range requests are honoured."""
+    await _job(svc, job_id)
+    target = safe_artifact(job_paths(svc.settings, job_id), path)
+    return FileResponse(target, filename=target.name, media_type="application/octet-stream")

@@ -1,0 +1,106 @@
+"""Who may call, which model and data sources a request may name, which files it may read."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from pathlib import Path, PurePosixPath
+
+from fastapi import HTTPException, Request
+
+from kd.config import DERIVED_STUDENT, EMBEDDED_DATASET, DistillConfig
+from serve_app.settings import Settings
+from train_job.paths import JobPaths, valid_job_id
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def check_token(request: Request, settings: Settings) -> None:
+    """401 unless the bearer token matches (constant-time); never logs the token."""
+    if settings.api_token is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    expected = settings.api_token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong API token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _looks_local(value: str) -> bool:
+    return (
+        value.startswith(("/", "./", "../", "~", "file:"))
+        or value.endswith((".gguf", ".txt", ".jsonl", ".json", ".csv", ".parquet"))
+        or "\\" in value
+        or ".." in value
+    )
+
+
+def _check_source(field: str, value: str, settings: Settings, hub_ok: bool) -> str | None:
+    if value.startswith("embedded:") or value in (EMBEDDED_DATASET, DERIVED_STUDENT):
+        return None
+    if _looks_local(value):
+        if ".." in PurePosixPath(value).parts or value.startswith("file:"):
+            return f"{field}: relative traversal ('..') and file: URLs are not allowed"
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            return f"{field}: local paths must be absolute"
+        resolved = path.resolve()
+        roots = settings.local_roots()
+        if not any(resolved.is_relative_to(r) for r in roots):
+            allowed = ", ".join(map(str, roots)) or "none configured (LLM2SLM_ALLOWED_LOCAL_ROOTS)"
+            return f"{field}: local path '{value}' is outside the allowed roots ({allowed})"
+        return None
+    if not HUB_ID.match(value):
+        return f"{field}: '{value}' is neither a Hugging Face id (org/name) nor a local path"
+    if not hub_ok:
+        return f"{field}: Hugging Face Hub sources are disabled on this server"
+    return None
+
+
+def policy_problems(cfg: DistillConfig, settings: Settings) -> list[tuple[str, str]]:
+    """(field, message) for every way a valid config breaks this server's policy."""
+    problems: list[tuple[str, str]] = []
+    checks = [
+        ("teacher_model", cfg.teacher_model, settings.allow_hub_models),
+        ("dataset", cfg.dataset, settings.allow_hub_datasets),
+    ]
+    if not cfg.derives_student:
+        checks.append(("student_model", cfg.student_model, settings.allow_hub_models))
+    for field, value, hub_ok in checks:
+        msg = _check_source(field, value, settings, hub_ok)
+        if msg:
+            problems.append((field, msg))
+    if cfg.max_steps > settings.max_steps_limit:
+        problems.append(("max_steps", f"max_steps: at most {settings.max_steps_limit} here"))
+    if cfg.num_workers > settings.max_workers_limit:
+        problems.append(("num_workers", f"num_workers: at most {settings.max_workers_limit}"))
+    return problems
+
+
+def job_paths(settings: Settings, job_id: str) -> JobPaths:
+    if not valid_job_id(job_id):
+        raise HTTPException(status_code=404, detail=f"no job '{job_id[:80]}'")
+    return JobPaths(settings.storage_root, job_id)
+
+
+def safe_artifact(paths: JobPaths, rel: str) -> Path:
+    """The file `rel` inside the job's artifact folder, or 404.
+
+    Rejects absolute paths, '..' and '.' parts, backslashes, NUL, and anything whose
+    real path (symlinks resolved) leaves the artifact folder.
+    """
+    not_found = HTTPException(status_code=404, detail=f"no artifact '{rel[:200]}'")
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel:
+        raise not_found
+    parts = PurePosixPath(rel).parts
+    if any(p in ("..", ".", "") for p in parts):
+        raise not_found
+    base = paths.artifacts.resolve()
+    target = (paths.artifacts / rel).resolve()
+    if not target.is_relative_to(base) or not target.is_file():
+        raise not_found
+    return target

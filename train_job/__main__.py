@@ -1,0 +1,3 @@
+from train_job.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""`python -m train_job`: one distillation as a Ray Train TorchTrainer.
+
+    python -m train_job --config job.json [--job-id ID] [--storage PATH] [key=value ...]
+
+Runs unchanged under `ray job submit --working-dir . -- python -m train_job ...`
+(it joins that cluster) or standalone (it starts a local Ray). Running it again with
+the same --job-id resumes from the last checkpoint under <storage>/ray/<job-id>.
+Exit code 0 on success, 1 when the job failed (the reason is printed and recorded),
+2 for an invalid config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from kd.config import DistillConfig, load_config
+from kd.export import write_json
+from train_job.paths import JobPaths, new_job_id
+
+DEFAULT_STORAGE = os.environ.get("LLM2SLM_STORAGE", os.path.abspath("llm2slm-storage"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m train_job", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="", help="JSON file with a DistillConfig")
+    ap.add_argument("--job-id", default=None, help="job id; the same id resumes that job")
+    ap.add_argument("--storage", default=DEFAULT_STORAGE, help="shared storage root")
+    ap.add_argument("--registry", default=None, help="job registry actor as namespace/name")
+    ap.add_argument("--trust-remote-code", action="store_true", help="off unless set here")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return ap.parse_args(argv)
+
+
+def _short_reason(e: BaseException) -> str:
+    """The innermost cause of a (possibly wrapped) Ray Train failure, in one line."""
+    seen, cur = [], e
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or getattr(cur, "cause", None) or None
+        if isinstance(cur, dict):  # TrainingFailedError keeps worker errors per rank
+            cur = next(iter(cur.values()), None)
+    root = seen[-1]
+    text = str(root).strip().splitlines()
+    last = [ln for ln in text if ln.strip()][-1] if text else ""
+    return f"{type(root).__name__}: {last}"[:2000]
+
+
+def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, trust: bool):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from train_job.worker import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "job_id": paths.job_id,
+            "storage": str(paths.root),
+            "registry": registry,
+            "trust_remote_code": trust,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.cpus_per_worker,
+                **({"GPU": 1} if cfg.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=paths.job_id,
+            storage_path=str(paths.ray_storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except Exception as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        return 2
+    job_id = args.job_id or new_job_id()
+    paths = JobPaths(os.path.abspath(args.storage), job_id)
+    paths.job_dir.mkdir(parents=True, exist_ok=True)
+    write_json(paths.config, cfg.model_dump(mode="json"))
+
+    import ray
+
+    from train_job.registry_client import RegistryClient
+
+    ray.init(log_to_driver=True)  # joins a running cluster (RAY_ADDRESS) or starts one
+    registry = RegistryClient.connect(args.registry)
+    registry.update_sync(job_id, state="running", started_at=time.time())
+    print(f"job {job_id}: training {cfg.num_workers} worker(s), storage {paths.root}", flush=True)
+    t0 = time.time()
+    try:
+        build_trainer(cfg, paths, args.registry, args.trust_remote_code).fit()
+        metrics = json.loads((paths.artifacts / "metrics.json").read_text())
+    except Exception as e:  # everything a job can die of ends as `failed` with a reason
+        reason = _short_reason(e)
+        traceback.print_exc()
+        print(f"job {job_id} failed: {reason}", file=sys.stderr, flush=True)
+        write_json(paths.job_dir / "error.json", {"reason": reason, "time": time.time()})
+        registry.update_sync(job_id, state="failed", error=reason, finished_at=time.time())
+        return 1
+    artifacts = paths.list_artifacts()
+    summary = {k: v for k, v in metrics.items() if k not in ("history", "student_selection")}
+    registry.update_sync(
+        job_id,
+        state="succeeded",
+        step=metrics.get("steps"),
+        summary=summary,
+        artifacts=artifacts,
+        finished_at=time.time(),
+    )
+    print(
+        f"job {job_id} succeeded in {time.time() - t0:.0f}s; {len(artifacts)} artifacts "
+        f"in {paths.artifacts}",
+        flush=True,
+    )
+    return 0

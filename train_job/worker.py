@@ -1,0 +1,133 @@
+"""The function each Ray Train worker runs: kd's loop plus the few lines that touch Ray.
+
+Ray-specific parts only: device and rank from the train context, DDP through
+`prepare_model`, `ray.train.report` at logging steps (a collective in Train V2, so
+every rank calls it the same number of times), checkpoints attached by rank 0 at
+save steps, and resume through `ray.train.get_checkpoint()`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from kd import pipeline
+from kd.config import DistillConfig
+from kd.export import write_json
+from kd.train import Run, load_state_dict, setup, state_dict, train
+from train_job.paths import JobPaths
+from train_job.registry_client import RegistryClient
+
+STATE_FILE = "state.pt"
+
+
+def _save_due(cfg: DistillConfig, step: int) -> bool:
+    return bool(cfg.save_every and step % cfg.save_every == 0) or step >= cfg.max_steps
+
+
+def _world_sum(value: float) -> float:
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+    return value
+
+
+def _gather(obj: object) -> list[object]:
+    if dist.is_available() and dist.is_initialized():
+        out: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _load_checkpoint() -> dict | None:
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, weights_only=False, map_location="cpu")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = DistillConfig.model_validate(loop_config["config"])  # workers re-validate
+    paths = JobPaths(loop_config["storage"], loop_config["job_id"])
+    registry = RegistryClient.connect(loop_config.get("registry"))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg.cpus_per_worker))
+    device = ray.train.torch.get_device()
+    started = time.time()
+
+    state = _load_checkpoint()
+    run = setup(
+        cfg,
+        device=device,
+        rank=rank,
+        world=world,
+        trust_remote_code=bool(loop_config.get("trust_remote_code", False)),
+        wrap_model=ray.train.torch.prepare_model,
+        kept_layers=state["kept_layers"] if state else None,
+    )
+    history: list[dict] = list(state.get("history", [])) if state else []
+    before = pipeline.evaluate_before(run, paths.artifacts) if rank == 0 else {}
+    if state is not None:
+        load_state_dict(run, state)
+    resumed_from = run.step
+    if rank == 0:
+        registry.update(
+            paths.job_id,
+            state="running",
+            step=run.step,
+            total_steps=cfg.max_steps,
+            resumed_from_step=resumed_from if state else None,
+            before={k: before.get(k) for k in ("teacher_ppl", "student_ppl")},
+        )
+    last: dict[str, float] = {"step": float(run.step)}
+    t0, step0 = time.time(), run.step
+
+    def report(m: dict[str, float]) -> None:
+        m = dict(m)
+        m["tokens_per_s"] = _world_sum(m["tokens_per_s"])  # all ranks, not just this one
+        last.clear()
+        last.update(m)
+        if rank == 0:
+            history.append(m)
+            rate = (run.step - step0) / max(time.time() - t0, 1e-9)
+            eta = (cfg.max_steps - run.step) / rate if rate > 0 else None
+            registry.update(paths.job_id, step=run.step, eta_s=eta, metrics=m)
+        if not _save_due(cfg, run.step):
+            ray.train.report(m)
+
+    def checkpoint(r: Run) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                st = state_dict(r)
+                st["history"] = history
+                torch.save(st, Path(tmp) / STATE_FILE)
+                write_json(Path(tmp) / "distill_config.json", cfg.model_dump(mode="json"))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(dict(last), checkpoint=ckpt)
+
+    t_train = time.perf_counter()
+    train(run, report=report, checkpoint=checkpoint)
+    train_s = time.perf_counter() - t_train
+    blocks_by_rank = _gather(run.sampler.served)  # collective: every rank calls it
+    if rank == 0:
+        registry.update(paths.job_id, state="exporting", step=run.step)
+        metrics = pipeline.finalize(run, paths.artifacts, before, history, train_s, started)
+        metrics.update(
+            world_size=world,
+            blocks_seen_by_rank=blocks_by_rank,
+            resumed_from_step=resumed_from if state else None,
+        )
+        write_json(paths.artifacts / pipeline.METRICS, metrics)
+        print(json.dumps({"final": pipeline.summary_line(metrics)}), flush=True)
