@@ -10,6 +10,7 @@ manifest's serveConfigV2.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -60,6 +61,27 @@ class _TooLarge(Exception):
     pass
 
 
+class PathGuard:
+    """404 for any URL with '.' or '..' segments, raw or percent-encoded, before routing.
+
+    Without it a proxy or the router may normalise such a URL and answer with a
+    redirect; the download route checks containment again on its own.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = (scope.get("raw_path") or b"").decode("latin-1").lower()
+            decoded = unquote(unquote(raw)).replace("\\", "/")
+            segments = decoded.split("?")[0].split("/") + scope["path"].split("/")
+            if any(seg in (".", "..") for seg in segments) or "\x00" in decoded:
+                resp = JSONResponse({"detail": "not found"}, 404)
+                return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_api() -> FastAPI:
     api = FastAPI(
         title="llm2slm",
@@ -69,6 +91,7 @@ def create_api() -> FastAPI:
     api.include_router(routes.public)
     api.include_router(routes.router)
     api.add_middleware(BodyLimit)
+    api.add_middleware(PathGuard)
     return api
 
 

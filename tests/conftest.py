@@ -99,3 +99,34 @@ def tiny_corpus(tmp_path_factory) -> Path:
     lines = src.read_text().splitlines()[:60]
     out.write_text("\n".join(json.dumps({"text": json.loads(x)["text"]}) for x in lines) + "\n")
     return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray (with dashboard/job API and Serve) for the whole test session."""
+    import ray
+    from ray import serve
+
+    # Train V2's report() is a barrier drained every health-check interval (2 s default).
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    dash, http = _free_port(), _free_port()
+    ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dash,
+        namespace="llm2slm-tests",
+        log_to_driver=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": http})
+    yield {"dashboard": f"http://127.0.0.1:{dash}", "http": f"http://127.0.0.1:{http}"}
+    serve.shutdown()
+    ray.shutdown()

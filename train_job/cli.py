@@ -50,6 +50,23 @@ def _short_reason(e: BaseException) -> str:
     return f"{type(root).__name__}: {last}"[:2000]
 
 
+def preflight(cfg: DistillConfig) -> None:
+    """Fail in seconds, not after the workers start, on sources that cannot work."""
+    from pathlib import Path
+
+    from kd.config import EMBEDDED_DATASET
+    from kd.data import LOCAL_SUFFIXES, DataError
+    from kd.models import resolve_source
+
+    resolve_source(cfg.teacher_model)
+    if not cfg.derives_student:
+        resolve_source(cfg.student_model)
+    ds = cfg.dataset
+    local = ds.startswith(("/", "./", "../", "~")) or ds.endswith(LOCAL_SUFFIXES)
+    if ds != EMBEDDED_DATASET and local and not Path(ds).expanduser().exists():
+        raise DataError(f"dataset path '{ds}' does not exist")
+
+
 def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, trust: bool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -105,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"job {job_id}: training {cfg.num_workers} worker(s), storage {paths.root}", flush=True)
     t0 = time.time()
     try:
+        preflight(cfg)
         build_trainer(cfg, paths, args.registry, args.trust_remote_code).fit()
         metrics = json.loads((paths.artifacts / "metrics.json").read_text())
     except Exception as e:  # everything a job can die of ends as `failed` with a reason

@@ -1,0 +1,295 @@
+"""The service for real: a local Ray cluster, Ray Serve over HTTP, Ray Jobs, Ray Train.
+
+One Ray per test session (see the `ray_cluster` fixture); the Serve app is deployed
+once per module. Jobs use tiny models so each takes seconds of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.service
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def svc(ray_cluster, tmp_path_factory, tiny_teacher, tokenizer):
+    """The app deployed with a storage root, local roots and a short poll interval."""
+    from ray import serve
+
+    from serve_app.app import app_builder
+
+    root = tmp_path_factory.mktemp("storage")
+    data = tmp_path_factory.mktemp("svcdata")
+    docs = [
+        {"text": " ".join(f"word{(i * 7 + j) % 23}" for j in range(40 + i % 9))} for i in range(80)
+    ]
+    (data / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    settings = {
+        "storage_root": str(root),
+        "allowed_local_roots": [str(data), str(tiny_teacher), str(tiny_teacher.parent)],
+        "poll_interval_s": 0.3,
+        "max_concurrent_jobs": 1,
+        "registry_name": "test-registry",
+        "namespace": "llm2slm-test",
+        "ray_dashboard_address": ray_cluster["dashboard"],
+    }
+    serve.run(app_builder(settings), name="llm2slm", route_prefix="/")
+    client = httpx.Client(base_url=ray_cluster["http"], timeout=60)
+    base_cfg = dict(
+        teacher_model=str(tiny_teacher),
+        dataset=str(data / "docs.jsonl"),
+        max_seq_len=32,
+        per_device_batch_size=4,
+        max_steps=6,
+        warmup_steps=1,
+        logging_steps=1,
+        save_every=2,
+        max_eval_blocks=2,
+        student_layers=2,
+        export_onnx=False,
+        post_training_quant=False,
+        max_failures=2,
+    )
+    yield {"client": client, "root": root, "data": data, "cfg": base_cfg, "settings": settings}
+    client.close()
+
+
+def wait_for(client, job_id, pred, timeout=240.0, every=0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = client.get(f"/status/{job_id}").json()
+        if pred(st):
+            return st
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting on {job_id}: last status {st}")
+
+
+def submit(svc, **overrides) -> str:
+    r = svc["client"].post("/distill", json=svc["cfg"] | overrides)
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+@pytest.fixture(scope="module")
+def finished_job(svc):
+    """A tiny job run to completion through the API, with its timings."""
+    c = svc["client"]
+    t0 = time.time()
+    job_id = submit(svc)
+    post_s = time.time() - t0
+    first = wait_for(c, job_id, lambda s: (s.get("step") or 0) >= 1 or s["state"] in TERMINAL)
+    first_step_s = time.time() - t0
+    final = wait_for(c, job_id, lambda s: s["state"] in TERMINAL)
+    total_s = time.time() - t0
+    assert final["state"] == "succeeded", final
+    timing = {"post_s": post_s, "first_step_s": first_step_s, "total_s": total_s}
+    print(
+        f"\n[timing] tiny job: POST answered in {post_s:.2f}s, first step after "
+        f"{first_step_s:.1f}s, done after {total_s:.1f}s"
+    )
+    (svc["root"] / "timing.json").write_text(json.dumps(timing))
+    return {"job_id": job_id, "status": final, "first": first, **timing}
+
+
+def test_tiny_job_status_artifacts_download(svc, finished_job):
+    c, job_id = svc["client"], finished_job["job_id"]
+    assert finished_job["post_s"] < 10  # POST never trains
+    st = finished_job["status"]
+    assert st["step"] == 6 and st["summary"]["student_ppl_after"] > 0
+    arts = {a["path"]: a["size"] for a in c.get(f"/artifacts/{job_id}").json()["artifacts"]}
+    assert {"student/model.safetensors", "student/config.json", "metrics.json"} <= set(arts)
+    on_disk = svc["root"] / "jobs" / job_id / "artifacts" / "student" / "config.json"
+    r = c.get(f"/download/{job_id}/student/config.json")
+    assert r.status_code == 200 and r.content == on_disk.read_bytes()
+    assert int(r.headers["content-length"]) == arts["student/config.json"]
+    weights = on_disk.parent / "model.safetensors"
+    r = c.get(f"/download/{job_id}/student/model.safetensors", headers={"Range": "bytes=10-109"})
+    assert r.status_code == 206 and r.content == weights.read_bytes()[10:110]
+    assert r.headers["content-range"] == f"bytes 10-109/{weights.stat().st_size}"
+    page = c.get("/jobs", params={"limit": 5}).json()
+    assert any(j["job_id"] == job_id for j in page["jobs"]) and page["limit"] == 5
+    assert c.get("/docs").status_code == 200 and "/distill" in c.get("/openapi.json").text
+
+
+def test_traversal_and_unknown_ids_get_404(svc, finished_job, tmp_path):
+    c, job_id = svc["client"], finished_job["job_id"]
+    secret = svc["root"] / "jobs" / job_id / "config.json"  # outside artifacts/
+    art = svc["root"] / "jobs" / job_id / "artifacts"
+    (art / "escape").symlink_to(secret)
+    (art / "escape_dir").symlink_to(svc["root"])
+    raw_paths = [
+        f"/download/{job_id}/../config.json",
+        f"/download/{job_id}/%2e%2e/config.json",
+        f"/download/{job_id}/%2e%2e%2fconfig.json",
+        f"/download/{job_id}/%252e%252e/config.json",
+        f"/download/{job_id}//etc/passwd",
+        f"/download/{job_id}/%2fetc%2fpasswd",
+        f"/download/{job_id}/escape",
+        f"/download/{job_id}/escape_dir/registry/state.json",
+        f"/download/{job_id}/student/..%2f..%2fconfig.json",
+        "/download/..%2f..%2fetc/passwd",
+        "/download/no-such-job/metrics.json",
+        "/artifacts/no-such-job",
+        "/status/no-such-job",
+        "/status/..%2fjobs",
+        "/artifacts/%2e%2e",
+    ]
+    with httpx.Client(base_url=c.base_url, timeout=30) as raw:
+        for p in raw_paths:
+            url = httpx.URL(str(c.base_url).rstrip("/") + "/").copy_with(raw_path=p.encode())
+            r = raw.get(url)
+            assert r.status_code in (400, 404), (p, r.status_code, r.text[:200])
+            assert b"root:" not in r.content and secret.read_bytes() != r.content
+    listed = [a["path"] for a in c.get(f"/artifacts/{job_id}").json()["artifacts"]]
+    assert not any(p.startswith("escape") for p in listed)
+
+
+def test_invalid_bodies_get_422_naming_the_field(svc):
+    c = svc["client"]
+    cases = {
+        "temperature": {"temperature": -1},
+        "max_steps": {"max_steps": 10**12},
+        "trust_remote_code": {"trust_remote_code": True},
+        "colour": {"colour": "red"},
+        "teacher_model": {"teacher_model": "/etc/passwd-model"},
+    }
+    for field, body in cases.items():
+        r = c.post("/distill", json=svc["cfg"] | body)
+        assert r.status_code == 422, (field, r.text)
+        locs = [e["loc"][-1] for e in r.json()["detail"]]
+        assert field in locs, (field, r.json())
+    r = c.post("/distill", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = c.post("/distill", content=b"x" * 200_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_bearer_token_enforced(ray_cluster, svc):
+    from ray import serve
+
+    from serve_app.app import app_builder
+
+    secured = svc["settings"] | {"api_token": "s3cret-token", "registry_name": "test-reg-auth"}
+    serve.run(app_builder(secured), name="secured", route_prefix="/secured")
+    with httpx.Client(base_url=ray_cluster["http"] + "/secured", timeout=30) as c:
+        assert c.get("/healthz").status_code == 200
+        for method, path in [
+            ("GET", "/jobs"),
+            ("GET", "/status/x1"),
+            ("POST", "/distill"),
+            ("GET", "/artifacts/x1"),
+            ("DELETE", "/jobs/x1"),
+            ("GET", "/download/x1/a"),
+        ]:
+            assert c.request(method, path).status_code == 401
+            bad = {"Authorization": "Bearer wrong"}
+            assert c.request(method, path, headers=bad).status_code == 401
+        good = {"Authorization": "Bearer s3cret-token"}
+        assert c.get("/jobs", headers=good).status_code == 200
+        assert c.get("/status/x1", headers=good).status_code == 404
+    serve.delete("secured")
+
+
+def test_two_workers_both_train(svc):
+    job_id = submit(svc, num_workers=2, max_steps=4)
+    st = wait_for(svc["client"], job_id, lambda s: s["state"] in TERMINAL)
+    assert st["state"] == "succeeded", st
+    metrics = json.loads((svc["root"] / "jobs" / job_id / "artifacts" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["blocks_seen_by_rank"] == [16, 16]  # 4 steps x 4 blocks on each rank
+
+
+def test_cancel_stops_the_ray_job(svc):
+    from ray.job_submission import JobStatus
+
+    c = svc["client"]
+    job_id = submit(svc, max_steps=100_000, save_every=0)
+    wait_for(c, job_id, lambda s: (s.get("step") or 0) >= 1 or s["state"] in TERMINAL)
+    r = c.delete(f"/jobs/{job_id}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    from serve_app.launcher import JobLauncher
+    from serve_app.settings import Settings
+
+    launcher = JobLauncher(Settings(**svc["settings"]))
+    deadline = time.time() + 60
+    while launcher.status(job_id)[0] not in (JobStatus.STOPPED.value, JobStatus.FAILED.value):
+        assert time.time() < deadline, launcher.status(job_id)
+        time.sleep(0.5)
+    time.sleep(2)
+    assert c.get(f"/status/{job_id}").json()["state"] == "cancelled"
+    assert c.delete(f"/jobs/{job_id}").status_code == 409
+
+
+def test_ten_submissions_queue_one_at_a_time(svc):
+    """max_concurrent_jobs=1: all accepted at once, started in order, all end."""
+    c = svc["client"]
+    missing = svc["data"] / "no-model-here"  # allowed root, fails in the job's preflight
+    ids = [submit(svc, teacher_model=str(missing)) for _ in range(10)]
+    assert len(set(ids)) == 10
+    seen_active = 0
+    deadline = time.time() + 300
+    while True:
+        states = [c.get(f"/status/{j}").json() for j in ids]
+        active = [s for s in states if s["state"] in ("submitted", "running", "exporting")]
+        seen_active = max(seen_active, len(active))
+        if all(s["state"] in TERMINAL for s in states):
+            break
+        assert time.time() < deadline, [s["state"] for s in states]
+        time.sleep(0.3)
+    assert seen_active <= 1
+    assert all(s["state"] == "failed" for s in states)
+    assert all("does not exist" in (s["error"] or "") for s in states), states[0]
+    finished = [s["updated_at"] for s in states]
+    assert finished == sorted(finished)  # started (and so ended) in submission order
+
+
+def _registry(svc):
+    import ray
+
+    return ray.get_actor(svc["settings"]["registry_name"], namespace=svc["settings"]["namespace"])
+
+
+def test_registry_killed_mid_job_keeps_state(svc):
+    import ray
+
+    c = svc["client"]
+    job_id = submit(svc, max_steps=8)
+    wait_for(c, job_id, lambda s: (s.get("step") or 0) >= 1 or s["state"] in TERMINAL)
+    ray.kill(_registry(svc), no_restart=False)
+    st = wait_for(c, job_id, lambda s: True, timeout=60)  # answers again after the restart
+    assert st["job_id"] == job_id
+    final = wait_for(c, job_id, lambda s: s["state"] in TERMINAL)
+    assert final["state"] == "succeeded" and final["step"] == 8, final
+
+
+def test_worker_killed_resumes_from_checkpoint(svc):
+    from ray.util.state import list_actors
+
+    c = svc["client"]
+    job_id = submit(svc, max_steps=30, save_every=5, logging_steps=1)
+    wait_for(c, job_id, lambda s: (s.get("step") or 0) >= 7 or s["state"] in TERMINAL)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no training worker found"
+    killed_at = c.get(f"/status/{job_id}").json()["step"]
+    os.kill(int(workers[0]["pid"]), signal.SIGKILL)
+    final = wait_for(c, job_id, lambda s: s["state"] in TERMINAL, timeout=300)
+    assert final["state"] == "succeeded", final
+    metrics = json.loads(
+        (Path(svc["root"]) / "jobs" / job_id / "artifacts" / "metrics.json").read_text()
+    )
+    assert metrics["steps"] == 30
+    resumed = metrics["resumed_from_step"]
+    assert resumed is not None and resumed % 5 == 0 and resumed <= killed_at
+    lost = killed_at - resumed
+    print(f"\n[resume] killed at step {killed_at}, resumed from {resumed}: {lost} steps redone")
+    (svc["root"] / "resume.json").write_text(
+        json.dumps({"killed_at": killed_at, "resumed_from": resumed})
+    )
