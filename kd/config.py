@@ -81,22 +81,22 @@ class DistillConfig(BaseModel):
         0.05, gt=0.0, lt=0.5, description="Share of packed blocks held out for evaluation."
     )
     max_eval_blocks: int = Field(
-        32, ge=1, le=100_000, description="Held-out blocks used per evaluation."
+        16, ge=1, le=100_000, description="Held-out blocks used per evaluation."
     )
 
     # ---- optimisation -------------------------------------------------------------
-    max_steps: int = Field(60, ge=1, le=10_000_000, description="Optimizer steps.")
+    max_steps: int = Field(25, ge=1, le=10_000_000, description="Optimizer steps.")
     per_device_batch_size: int = Field(4, ge=1, le=4096, description="Blocks per micro-batch.")
     grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per step.")
     lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
-    warmup_steps: int = Field(5, ge=0, le=10_000_000, description="Linear warmup steps.")
+    warmup_steps: int = Field(3, ge=0, le=10_000_000, description="Linear warmup steps.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warmup."
     )
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr / peak lr.")
     max_grad_norm: float = Field(1.0, gt=0.0, le=1e6, description="Gradient clipping norm.")
-    logging_steps: int = Field(10, ge=1, le=1_000_000, description="Steps between reports.")
+    logging_steps: int = Field(5, ge=1, le=1_000_000, description="Steps between reports.")
     save_every: int = Field(
         50, ge=0, le=10_000_000, description="Steps between checkpoints; 0 saves only at the end."
     )
