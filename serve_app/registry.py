@@ -49,6 +49,7 @@ class JobRegistry:
         self.path = registry_state_file(self.settings.storage_root)
         self.jobs: dict[str, dict[str, Any]] = {}
         self._loop: asyncio.Task | None = None
+        self._tick_lock: asyncio.Lock | None = None
         self.launcher = JobLauncher(self.settings)
         self._load()
 
@@ -110,7 +111,8 @@ class JobRegistry:
             }
             self.jobs[job_id] = job
         self._save()
-        await self.tick()
+        # Start it in the background: the HTTP request must not wait on Ray's job API.
+        asyncio.get_running_loop().create_task(self.tick())
         return job, True
 
     async def update(self, job_id: str, fields: dict[str, Any]) -> dict | None:
@@ -152,8 +154,11 @@ class JobRegistry:
         return job["job_id"] if n == 0 else f"{job['job_id']}--retry{n}"
 
     async def tick(self) -> None:
-        await self._reconcile()
-        await self._start_pending()
+        if self._tick_lock is None:
+            self._tick_lock = asyncio.Lock()
+        async with self._tick_lock:  # one scheduling pass at a time
+            await self._reconcile()
+            await self._start_pending()
 
     async def _start_pending(self) -> None:
         active = sum(1 for j in self.jobs.values() if j["state"] in ACTIVE)
