@@ -5,7 +5,10 @@ produces the same artifact folder:
 
     <out>/before.json        teacher and student held-out numbers before training
     <out>/metrics.json       before/after numbers, timings, the student selection, history
-    <out>/student/           the merged student (see kd.export)
+    <out>/student/           the merged student with a model card (see kd.export)
+    <out>/onnx/              model.onnx (fp32) + tokenizer      (export_onnx)
+    <out>/int8-dynamic/      model.onnx (ONNX Runtime INT8) + tokenizer (post_training_quant)
+    <out>/report.json, report.md, manifest.json
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import json
 import time
 from pathlib import Path
 
-from kd import evaluate
+from kd import evaluate, export, report
 from kd.export import save_student, write_json
 from kd.train import Run
 
 BEFORE = "before.json"
 METRICS = "metrics.json"
+REPORT = "report.json"
 
 
 def eval_kwargs(run: Run) -> dict:
@@ -53,11 +57,15 @@ def finalize(
     history: list[dict],
     train_seconds: float,
     started: float,
+    extra: dict | None = None,
 ) -> dict:
     """Evaluate the trained student, save it, and write metrics.json. Returns metrics."""
     run.student.eval()
     after = evaluate.compare(run.teacher, run.student, run.eval_data, **eval_kwargs(run))
-    save_student(run.student, run.tokenizer, run.cfg, out, extra={"kept_layers": run.kept_layers})
+    plain = export.plain_student(run.student)
+    student_dir = save_student(
+        plain, run.tokenizer, run.cfg, out, extra={"kept_layers": run.kept_layers}
+    )
     metrics = {
         "teacher_ppl": before["teacher_ppl"],
         "student_ppl_before": before["student_ppl"],
@@ -73,8 +81,97 @@ def finalize(
         "student_selection": before.get("student_selection", run.selection),
         "history": history,
     }
+    metrics.update(extra or {})
     write_json(out / METRICS, metrics)
+    write_report(run, plain, out, student_dir, metrics)
     return metrics
+
+
+def _eval_batches(data, n_blocks: int = 4, batch: int = 2):
+    n = min(len(data), n_blocks)
+    for i in range(0, n, batch):
+        b = data.batch(list(range(i, min(i + batch, n))))
+        yield b["input_ids"], b["attention_mask"]
+
+
+def _export_entry(run: Run, folder: Path, plain, mb: float) -> dict:
+    lm = export.OnnxLM(folder)
+    torch_fn = evaluate.logits_fn(plain)
+    entry = export.logits_parity(torch_fn, lm, _eval_batches(run.eval_data))
+    entry["ppl"] = evaluate.perplexity(
+        lm,
+        run.eval_data,
+        batch_size=run.cfg.per_device_batch_size,
+        max_blocks=run.cfg.max_eval_blocks,
+    )
+    entry["forward_tokens_per_s"] = report.forward_speed(lm, run.eval_data)
+    entry["mb"] = mb
+    return entry
+
+
+def write_exports(run: Run, plain, out: Path, student_dir: Path) -> dict:
+    """onnx/ (fp32) and int8-dynamic/ (ONNX Runtime dynamic INT8), each with parity,
+    perplexity and speed. An export failure raises ExportError (the job fails)."""
+    cfg, exports = run.cfg, {}
+    if not (cfg.export_onnx or cfg.post_training_quant):
+        return exports
+    import tempfile
+
+    onnx_dir = out / export.ONNX_DIR if cfg.export_onnx else Path(tempfile.mkdtemp())
+    fp32 = export.export_onnx(plain, onnx_dir / export.ONNX_FILE)
+    export._copy_tokenizer(student_dir, onnx_dir)
+    if cfg.export_onnx:
+        exports["onnx-fp32"] = _export_entry(
+            run, onnx_dir, plain, report.folder_bytes(onnx_dir) / 1e6
+        )
+    if cfg.post_training_quant:
+        int8_dir = out / export.INT8_DIR
+        export.quantize_onnx_int8(fp32, int8_dir / export.ONNX_FILE)
+        export._copy_tokenizer(student_dir, int8_dir)
+        exports["int8-dynamic"] = _export_entry(
+            run, int8_dir, plain, report.folder_bytes(int8_dir) / 1e6
+        )
+    if not cfg.export_onnx:
+        import shutil
+
+        shutil.rmtree(onnx_dir, ignore_errors=True)
+    return exports
+
+
+def write_report(run: Run, plain, out: Path, student_dir: Path, metrics: dict) -> dict:
+    """report.json, report.md, the model card and manifest.json."""
+    size = report.param_summary(run.teacher, plain)
+    size["student_mb"] = report.folder_bytes(student_dir) / 1e6
+    speed = {}
+    for name, model in (("teacher", run.teacher), ("student", plain)):
+        for b in (1, 8):
+            speed[f"{name}_gen_b{b}"] = report.generation_speed(model, run.eval_data, b)
+    rep = {
+        "config": run.cfg.model_dump(mode="json"),
+        "steps": metrics["steps"],
+        "eval_tokens": metrics["eval_tokens"],
+        "quality": {
+            k: metrics[k]
+            for k in (
+                "teacher_ppl",
+                "student_ppl_before",
+                "student_ppl_after",
+                "top1_agreement_before",
+                "top1_agreement_after",
+                "kl_before",
+                "kl_after",
+            )
+        },
+        "size": size,
+        "speed": speed,
+        "train_seconds": metrics["train_seconds"],
+        "exports": write_exports(run, plain, out, student_dir),
+    }
+    write_json(out / REPORT, rep)
+    (out / "report.md").write_text(report.render_markdown(rep))
+    (student_dir / "README.md").write_text(report.model_card(rep))
+    export.write_manifest(out)
+    return rep
 
 
 def summary_line(m: dict) -> str:

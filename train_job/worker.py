@@ -123,11 +123,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     blocks_by_rank = _gather(run.sampler.served)  # collective: every rank calls it
     if rank == 0:
         registry.update(paths.job_id, state="exporting", step=run.step)
-        metrics = pipeline.finalize(run, paths.artifacts, before, history, train_s, started)
-        metrics.update(
-            world_size=world,
-            blocks_seen_by_rank=blocks_by_rank,
-            resumed_from_step=resumed_from if state else None,
+        extra = {
+            "world_size": world,
+            "blocks_seen_by_rank": blocks_by_rank,
+            "resumed_from_step": resumed_from if state else None,
+        }
+        metrics = pipeline.finalize(
+            run, paths.artifacts, before, history, train_s, started, extra=extra
         )
-        write_json(paths.artifacts / pipeline.METRICS, metrics)
         print(json.dumps({"final": pipeline.summary_line(metrics)}), flush=True)

@@ -1,0 +1,142 @@
+"""The job's evaluation report (report.json, report.md) and the student's model card."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kd import models
+from kd.data import Packed
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@torch.no_grad()
+def generation_speed(
+    model: nn.Module, data: Packed, batch: int, new_tokens: int = 32, prompt_len: int = 32
+) -> float:
+    """Greedy generation tokens/s (new tokens only, KV cache on) at a batch size."""
+    n = min(batch, len(data))
+    ids = data.input_ids[:n, :prompt_len]
+    if n < batch:  # tiny held-out sets: repeat rows to reach the batch size
+        ids = ids.repeat((batch + n - 1) // n, 1)[:batch]
+    mask = torch.ones_like(ids)
+    model.eval()
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+    )
+    model.generate(
+        input_ids=ids[:, :8],
+        attention_mask=mask[:, :8],
+        max_new_tokens=2,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+    )  # warm-up
+    t0 = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    return batch * new_tokens / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def forward_speed(logits_fn, data: Packed, batch: int = 4, max_blocks: int = 8) -> float:
+    """Tokens/s of full-sequence forward passes (what ONNX and PyTorch both do)."""
+    n = min(len(data), max_blocks)
+    idx = list(range(min(batch, n)))
+    b = data.batch(idx)
+    logits_fn(b["input_ids"], b["attention_mask"])  # warm-up
+    t0, tokens = time.perf_counter(), 0
+    for i in range(0, n, batch):
+        b = data.batch(list(range(i, min(i + batch, n))))
+        logits_fn(b["input_ids"], b["attention_mask"])
+        tokens += int(b["attention_mask"].sum())
+    return tokens / (time.perf_counter() - t0)
+
+
+def param_summary(teacher: nn.Module, student: nn.Module) -> dict:
+    t, s = models.count_params(teacher), models.count_params(student)
+    return {
+        "teacher_params": t,
+        "student_params": s,
+        "compression": t / max(s, 1),
+        "teacher_layers": teacher.config.num_hidden_layers,
+        "student_layers": student.config.num_hidden_layers,
+    }
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render_markdown(report: dict) -> str:
+    m, sz, sp = report["quality"], report["size"], report["speed"]
+    lines = [
+        "# Distillation report",
+        "",
+        f"Teacher `{report['config']['teacher_model']}` -> student "
+        f"({sz['student_layers']}/{sz['teacher_layers']} layers), {report['steps']} steps, "
+        f"{report['eval_tokens']} held-out tokens.",
+        "",
+        "## Quality (held-out)",
+        "",
+        "| model | perplexity | top-1 agreement with teacher | KL(teacher‖model) / token |",
+        "|---|---|---|---|",
+        f"| teacher | {_fmt(m['teacher_ppl'])} | 1 | 0 |",
+        f"| student before training | {_fmt(m['student_ppl_before'])} | "
+        f"{_fmt(m['top1_agreement_before'])} | {_fmt(m['kl_before'])} |",
+        f"| student after training | {_fmt(m['student_ppl_after'])} | "
+        f"{_fmt(m['top1_agreement_after'])} | {_fmt(m['kl_after'])} |",
+        "",
+        "## Size",
+        "",
+        "| | parameters | on disk (MB) |",
+        "|---|---|---|",
+        f"| teacher | {sz['teacher_params']:,} | {_fmt(sz.get('teacher_mb', float('nan')))} |",
+        f"| student | {sz['student_params']:,} | {_fmt(sz['student_mb'])} |",
+        "",
+        "## Speed (this machine)",
+        "",
+        "| model | generate tokens/s, batch 1 | generate tokens/s, batch 8 |",
+        "|---|---|---|",
+        f"| teacher | {_fmt(sp['teacher_gen_b1'])} | {_fmt(sp['teacher_gen_b8'])} |",
+        f"| student | {_fmt(sp['student_gen_b1'])} | {_fmt(sp['student_gen_b8'])} |",
+    ]
+    if report.get("exports"):
+        lines += [
+            "",
+            "## Exports",
+            "",
+            "| export | perplexity | max abs logit diff vs PyTorch | top-1 agreement | "
+            "forward tokens/s | MB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, e in report["exports"].items():
+            lines.append(
+                f"| {name} | {_fmt(e['ppl'])} | {_fmt(e['max_abs_logit_diff'])} | "
+                f"{_fmt(e['top1_agreement'])} | {_fmt(e['forward_tokens_per_s'])} | "
+                f"{_fmt(e['mb'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def model_card(report: dict) -> str:
+    return (
+        "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [llm2slm, "
+        "distillation]\n---\n\n# llm2slm student\n\n"
+        f"Distilled from `{report['config']['teacher_model']}` by llm2slm "
+        "(hybrid KD: temperature-scaled divergence, CE on teacher argmax, hidden-state "
+        "terms). The resolved job config is in `distill_config.json`.\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained('student')\n"
+        "tok = AutoTokenizer.from_pretrained('student')\n```\n\n"
+        + render_markdown(report).replace("# Distillation report", "## Metrics", 1)
+    )
