@@ -142,6 +142,7 @@ def write_report(run: Run, plain, out: Path, student_dir: Path, metrics: dict) -
     """report.json, report.md, the model card and manifest.json."""
     size = report.param_summary(run.teacher, plain)
     size["student_mb"] = report.folder_bytes(student_dir) / 1e6
+    size["teacher_mb"] = report.source_mb(run.cfg.teacher_model)
     speed = {}
     for name, model in (("teacher", run.teacher), ("student", plain)):
         for b in (1, 8):

@@ -16,6 +16,16 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def source_mb(name: str) -> float | None:
+    """On-disk size of a model source (the GGUF file or the folder); None for hub ids."""
+    src = models.resolve_source(name)
+    if src.kind == "gguf":
+        return Path(src.location).stat().st_size / 1e6
+    if src.kind == "folder":
+        return folder_bytes(Path(src.location)) / 1e6
+    return None
+
+
 @torch.no_grad()
 def generation_speed(
     model: nn.Module, data: Packed, batch: int, new_tokens: int = 32, prompt_len: int = 32
@@ -72,6 +82,8 @@ def param_summary(teacher: nn.Module, student: nn.Module) -> dict:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -100,7 +112,7 @@ def render_markdown(report: dict) -> str:
         "",
         "| | parameters | on disk (MB) |",
         "|---|---|---|",
-        f"| teacher | {sz['teacher_params']:,} | {_fmt(sz.get('teacher_mb', float('nan')))} |",
+        f"| teacher | {sz['teacher_params']:,} | {_fmt(sz.get('teacher_mb'))} |",
         f"| student | {sz['student_params']:,} | {_fmt(sz['student_mb'])} |",
         "",
         "## Speed (this machine)",

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from kd.config import DistillConfig, load_config
 from kd.export import write_json
@@ -52,15 +53,19 @@ def _short_reason(e: BaseException) -> str:
 
 def preflight(cfg: DistillConfig) -> None:
     """Fail in seconds, not after the workers start, on sources that cannot work."""
-    from pathlib import Path
+    from transformers import AutoConfig
 
     from kd.config import EMBEDDED_DATASET
     from kd.data import LOCAL_SUFFIXES, DataError
-    from kd.models import resolve_source
+    from kd.models import ModelLoadError, resolve_source
 
-    resolve_source(cfg.teacher_model)
-    if not cfg.derives_student:
-        resolve_source(cfg.student_model)
+    names = [cfg.teacher_model] + ([] if cfg.derives_student else [cfg.student_model])
+    for name in names:
+        if resolve_source(name).kind == "hub":  # a wrong id fails here, not in N retries
+            try:
+                AutoConfig.from_pretrained(name)
+            except Exception as e:
+                raise ModelLoadError(f"cannot load model '{name}': {e}") from e
     ds = cfg.dataset
     local = ds.startswith(("/", "./", "../", "~")) or ds.endswith(LOCAL_SUFFIXES)
     if ds != EMBEDDED_DATASET and local and not Path(ds).expanduser().exists():
