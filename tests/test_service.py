@@ -105,6 +105,7 @@ def test_tiny_job_status_artifacts_download(svc, finished_job):
     assert finished_job["post_s"] < 10  # POST never trains
     st = finished_job["status"]
     assert st["step"] == 6 and st["summary"]["student_ppl_after"] > 0
+    assert st["summary"]["exports"] == {}  # this job turned exports off
     arts = {a["path"]: a["size"] for a in c.get(f"/artifacts/{job_id}").json()["artifacts"]}
     assert {"student/model.safetensors", "student/config.json", "metrics.json"} <= set(arts)
     on_disk = svc["root"] / "jobs" / job_id / "artifacts" / "student" / "config.json"

@@ -139,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     artifacts = paths.list_artifacts()
     summary = {k: v for k, v in metrics.items() if k not in ("history", "student_selection")}
+    report_file = paths.artifacts / "report.json"
+    if report_file.is_file():  # exports' quality in the status too
+        exports = json.loads(report_file.read_text()).get("exports", {})
+        summary["exports"] = {
+            name: {k: e[k] for k in ("ppl", "max_abs_logit_diff", "top1_agreement")}
+            for name, e in exports.items()
+        }
     registry.update_sync(
         job_id,
         state="succeeded",
