@@ -1,0 +1,240 @@
+"""Time one full KD training step: teacher forward, student forward + backward, AdamW.
+
+Implementations, each run in its own process (so peak RSS is its own):
+  ours        kd's path: teacher under no_grad asking only for logits + last hidden,
+              packed blocks, chunked closed-form-gradient vocabulary terms (kd.losses)
+  ref_packed  the obvious loop on the same packed blocks: all hidden states and
+              attentions from both models (eager attention), full-vocabulary fp32
+              softmax / log_softmax on [B, L, V]
+  ref_padded  the same reference on wikitext-style documents padded to the longest in
+              the batch (the original service's behaviour); only real tokens count
+
+    python bench/kd_step.py --batch 8 --seq 256 --steps 3
+    python bench/kd_step.py --batch 8 --seq 1024 --steps 1 --impls ours
+
+Prints a table: median step time, real tokens/s, peak RSS (or CUDA peak), MFU =
+(6·N_student + 2·N_teacher) × tokens/s / measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("ours", "ref_packed", "ref_padded")
+
+
+def matmul_peak(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    """Measured fp32 matmul FLOP/s on this device (the MFU denominator)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def load_models(args, eager: bool):
+    from kd import models
+
+    teacher, tok = models.load_model_and_tokenizer(
+        args.teacher, attn_implementation="eager" if eager else None
+    )
+    n = len(models.decoder_layers(teacher))
+    student = models.derive_student(teacher, models.uniform_layers(n, args.student_layers))
+    if eager:
+        models.set_eager_attention(student)
+    teacher.eval().requires_grad_(False)
+    return teacher, student.train(), tok
+
+
+def batches(args, tok, padded: bool):
+    from kd.config import DistillConfig
+    from kd.data import load_documents, pack
+
+    docs = load_documents(DistillConfig(dataset=args.dataset))
+    if not padded:
+        packed = pack(docs, tok, args.seq)
+        for i in range(0, len(packed) - args.batch + 1, args.batch):
+            yield packed.batch(list(range(i, i + args.batch)))
+        return
+    # one document (wikitext line / paragraph) per row, padded to the longest in the batch
+    tok.padding_side = "right"
+    for i in range(0, len(docs) - args.batch + 1, args.batch):
+        enc = tok(
+            docs[i : i + args.batch],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=args.seq,
+        )
+        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def ours_step(teacher_fwd, student_fwd, opt, batch, weights):
+    from kd.losses import hybrid_loss
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        t_logits, t_hidden, _ = teacher_fwd(ids, mask)
+    s_logits, s_hidden, _ = student_fwd(ids, mask)
+    loss, _ = hybrid_loss(
+        s_logits, t_logits, mask, weights, student_hidden=s_hidden, teacher_hidden=t_hidden
+    )
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def ref_step(teacher, student, opt, batch, T=2.0, alpha=1.0, beta=0.1, delta=0.1):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        t_out = teacher(
+            input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True
+        )
+    s_out = student(
+        input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True
+    )
+    s_logits, t_logits = s_out.logits[:, :-1].float(), t_out.logits[:, :-1].float()
+    tm = (mask[:, :-1] * mask[:, 1:]).float()
+    n = tm.sum()
+    s_logp = F.log_softmax(s_logits / T, dim=-1)
+    t_p = F.softmax(t_logits / T, dim=-1)
+    t_logp = F.log_softmax(t_logits / T, dim=-1)
+    kl = ((t_p * (t_logp - s_logp)).sum(-1) * tm).sum() / n * T * T
+    ce = (
+        F.cross_entropy(s_logits.transpose(1, 2), t_logits.argmax(-1), reduction="none") * tm
+    ).sum() / n
+    hs, ht = s_out.hidden_states[-1], t_out.hidden_states[-1]
+    cos = ((1 - F.cosine_similarity(hs, ht, dim=-1)) * mask).sum() / mask.sum()
+    loss = alpha * kl + beta * ce + delta * cos
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def run_one(args) -> dict:
+    from kd import models
+    from kd.losses import LossWeights
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    impl = args.impls[0]
+    teacher, student, tok = load_models(args, eager=impl != "ours")
+    teacher.to(device)
+    student.to(device)
+    n_t, n_s = models.count_params(teacher), models.count_params(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    if impl == "ours":
+        weights = LossWeights(
+            alpha_kl=1.0, beta_ce=0.1, delta_cos=0.1, temperature=2.0, chunk_size=args.chunk
+        )
+        t_fwd, s_fwd = models.DistillForward(teacher), models.DistillForward(student)
+
+        def step(b):
+            with autocast:
+                ours_step(t_fwd, s_fwd, opt, b, weights)
+    else:
+
+        def step(b):
+            with autocast:
+                ref_step(teacher, student, opt, b)
+
+    times, tokens = [], []
+    it = batches(args, tok, padded=impl == "ref_padded")
+    for i in range(args.warmup + args.steps):
+        b = {k: v.to(device) for k, v in next(it).items()}
+        t0 = time.perf_counter()
+        step(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(b["attention_mask"].sum()))
+    med = statistics.median(times)
+    tok_s = statistics.median(t / s for t, s in zip(tokens, times, strict=True))
+    peak = matmul_peak(device)
+    mem = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "impl": impl,
+        "device": str(device),
+        "batch": args.batch,
+        "seq": args.seq,
+        "step_s": med,
+        "real_tokens_per_s": tok_s,
+        "peak_mem_gb": mem / 1e9,
+        "mfu": (6 * n_s + 2 * n_t) * tok_s / peak,
+        "matmul_peak_gflops": peak / 1e9,
+        "n_teacher": n_t,
+        "n_student": n_s,
+        "real_tokens_per_step": statistics.mean(tokens),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", default="embedded:smollm2-135m")
+    ap.add_argument("--dataset", default="embedded")
+    ap.add_argument("--student-layers", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args)))
+        return
+    rows = []
+    for impl in args.impls:  # each in a fresh process: peak RSS is per implementation
+        cmd = [sys.executable, __file__, "--child", "--impls", impl] + [
+            a for a in sys.argv[1:] if a not in args.impls and a != "--impls"
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    print(
+        "\n| impl | B×L | step s | real tokens/s | peak mem GB | MFU |\n|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        print(
+            f"| {r['impl']} | {r['batch']}×{r['seq']} | {r['step_s']:.2f} | "
+            f"{r['real_tokens_per_s']:.1f} | {r['peak_mem_gb']:.2f} | {r['mfu']:.1%} |"
+        )
+    print(
+        f"\nmatmul peak {rows[0]['matmul_peak_gflops']:.0f} GFLOP/s on {rows[0]['device']}; "
+        f"N_teacher={rows[0]['n_teacher']:,} N_student={rows[0]['n_student']:,}"
+    )
+
+
+if __name__ == "__main__":
+    main()
