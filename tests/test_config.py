@@ -148,3 +148,15 @@ def test_load_config_with_overrides(tmp_path):
     assert parse_overrides(["dataset=./x.txt"]) == {"dataset": "./x.txt"}
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["oops"])
+
+
+def test_kd_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kd, kd.config, kd.losses, kd.models, kd.data, kd.train, kd.evaluate, "
+        "kd.export, kd.report, kd.pipeline, kd.cli\n"
+        "assert 'ray' not in sys.modules, 'kd imported ray'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
