@@ -178,8 +178,6 @@ class DistillConfig(BaseModel):
                 "use_qat: quantization-aware training is not supported; set use_qat=false and "
                 "keep post_training_quant=true for an INT8 student"
             )
-        if self.lora_r is not None and self.student_model == DERIVED_STUDENT:
-            pass  # allowed: LoRA on a derived student trains only adapters on kept layers
         if self.precision in ("bf16", "fp16") and not self.use_gpu:
             problems.append(
                 f"precision: {self.precision} needs use_gpu=true; on CPU use 'fp32' or 'auto' "
