@@ -136,7 +136,10 @@ class _VocabTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total, _g_kd, _g_ce):  # type: ignore[override]
         (grad_buf,) = ctx.saved_tensors
-        grad = grad_buf * g_total.to(grad_buf.dtype) if grad_buf.numel() else None
+        # In place: the buffer is used once, and a second logits-sized tensor would raise
+        # peak memory by |B·L·V| floats. (retain_graph + a second backward would see the
+        # scaled buffer; nothing in kd does that.)
+        grad = grad_buf.mul_(g_total.to(grad_buf.dtype)) if grad_buf.numel() else None
         return grad, None, None, None, None, None, None, None, None
 
 

@@ -302,8 +302,10 @@ def train(
                     student_attn=s_attn,
                     teacher_attn=t_attn,
                 )
+                # The loss keeps its own gradient buffer, not the logits: drop both
+                # [B, L, V] tensors so they are not alive at the backward's peak.
+                del t_logits, s_logits
                 (loss / cfg.grad_accum_steps).backward()
-            del t_logits, s_logits  # free the [B, L, V] tensors before the next micro-batch
             for k, v in parts.items():
                 step_parts[k] = step_parts.get(k, 0.0) + float(v) / cfg.grad_accum_steps
             tokens_window += int(mask.sum())
