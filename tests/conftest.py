@@ -89,16 +89,42 @@ def tiny_student(tmp_path_factory, tokenizer) -> Path:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory) -> Path:
-    """A small .jsonl corpus taken from the embedded one."""
-    from kd.data import CORPUS_DIR
+WORDS = "the cat sat on a mat while two dogs ran past one red house near old trees".split()
 
-    src = sorted(CORPUS_DIR.glob("*.jsonl"))[0]
-    out = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    lines = src.read_text().splitlines()[:60]
-    out.write_text("\n".join(json.dumps({"text": json.loads(x)["text"]}) for x in lines) + "\n")
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Repetitive documents: a model can learn them in a few steps."""
+    out = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    rows = []
+    for i in range(120):
+        words = [WORDS[(i * 3 + j * (i % 5 + 1)) % len(WORDS)] for j in range(30 + i % 20)]
+        rows.append(json.dumps({"id": i, "text": " ".join(words) + "."}))
+    out.write_text("\n".join(rows) + "\n")
     return out
+
+
+def tiny_cfg(teacher, corpus, **kw):
+    """A DistillConfig for a seconds-long job on the tiny models."""
+    base = dict(
+        teacher_model=str(teacher),
+        dataset=str(corpus),
+        max_seq_len=32,
+        per_device_batch_size=4,
+        max_steps=12,
+        warmup_steps=2,
+        logging_steps=2,
+        lr=3e-3,
+        save_every=0,
+        max_eval_blocks=4,
+        student_layers=2,
+        export_onnx=False,
+        post_training_quant=False,
+    )
+    base.update(kw)
+    from kd.config import DistillConfig
+
+    return DistillConfig(**base)
 
 
 def _free_port() -> int:

@@ -2,47 +2,12 @@
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from kd import cli
-from kd.config import DistillConfig
 from kd.train import load_state_dict, setup, state_dict, train
-
-WORDS = "the cat sat on a mat while two dogs ran past one red house near old trees".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Repetitive documents: a model can learn them in a few steps."""
-    out = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    rows = []
-    for i in range(120):
-        words = [WORDS[(i * 3 + j * (i % 5 + 1)) % len(WORDS)] for j in range(30 + i % 20)]
-        rows.append(json.dumps({"id": i, "text": " ".join(words) + "."}))
-    out.write_text("\n".join(rows) + "\n")
-    return out
-
-
-def tiny_cfg(teacher, corpus, **kw):
-    base = dict(
-        teacher_model=str(teacher),
-        dataset=str(corpus),
-        max_seq_len=32,
-        per_device_batch_size=4,
-        max_steps=12,
-        warmup_steps=2,
-        logging_steps=2,
-        lr=3e-3,
-        save_every=0,
-        max_eval_blocks=4,
-        student_layers=2,
-        export_onnx=False,
-        post_training_quant=False,
-    )
-    base.update(kw)
-    return DistillConfig(**base)
+from tests.conftest import tiny_cfg
 
 
 def test_end_to_end_cli_run(tmp_path, tiny_teacher, corpus, capsys):
