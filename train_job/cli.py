@@ -5,6 +5,7 @@
 Runs unchanged under `ray job submit --working-dir . -- python -m train_job ...`
 (it joins that cluster) or standalone (it starts a local Ray). Running it again with
 the same --job-id resumes from the last checkpoint under <storage>/ray/<job-id>.
+--storage and --config may be s3:// URIs (see train_job.storage for the S3 settings).
 Exit code 0 on success, 1 when the job failed (the reason is printed and recorded),
 2 for an invalid config.
 """
@@ -12,29 +13,36 @@ Exit code 0 on success, 1 when the job failed (the reason is printed and recorde
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from kd.config import DistillConfig, load_config
-from kd.export import write_json
-from train_job.paths import JobPaths, new_job_id
+from kd.config import DistillConfig, load_config, parse_overrides
+from train_job.paths import RAY_KEY, JobPaths, new_job_id
+from train_job.storage import StorageError, is_uri, read_json_uri
 
-DEFAULT_STORAGE = os.environ.get("LLM2SLM_STORAGE", os.path.abspath("llm2slm-storage"))
+DEFAULT_STORAGE = os.environ.get("LLM2SLM_STORAGE", "llm2slm-storage")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m train_job", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="", help="JSON file with a DistillConfig")
+    ap.add_argument("--config", default="", help="JSON file (path or s3:// URI), a DistillConfig")
     ap.add_argument("--job-id", default=None, help="job id; the same id resumes that job")
-    ap.add_argument("--storage", default=DEFAULT_STORAGE, help="shared storage root")
+    ap.add_argument("--storage", default=DEFAULT_STORAGE, help="shared folder or s3:// URI")
     ap.add_argument("--registry", default=None, help="job registry actor as namespace/name")
     ap.add_argument("--trust-remote-code", action="store_true", help="off unless set here")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     return ap.parse_args(argv)
+
+
+def read_config(path: str, overrides: list[str]) -> DistillConfig:
+    if not is_uri(path):
+        return load_config(path, overrides)
+    data = read_json_uri(path)  # written to S3 by the service
+    data.update(parse_overrides(overrides))
+    return DistillConfig.model_validate(data)
 
 
 def _short_reason(e: BaseException) -> str:
@@ -78,12 +86,13 @@ def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, tru
 
     from train_job.worker import train_loop_per_worker
 
+    storage_path, storage_fs = paths.storage.ray_storage(RAY_KEY)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "job_id": paths.job_id,
-            "storage": str(paths.root),
+            "storage": paths.root,
             "registry": registry,
             "trust_remote_code": trust,
         },
@@ -98,7 +107,8 @@ def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, tru
         ),
         run_config=RunConfig(
             name=paths.job_id,
-            storage_path=str(paths.ray_storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,  # S3 (with its endpoint) or None for a folder
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -107,15 +117,20 @@ def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, tru
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    job_id = args.job_id or new_job_id()
     try:
-        cfg = load_config(args.config, args.overrides)
+        paths = JobPaths(args.storage, job_id)
+        paths.storage.check()
+    except (StorageError, ValueError) as e:  # a bad --job-id, root or S3 setting
+        print(f"invalid arguments: {e}", file=sys.stderr)
+        return 2
+    try:
+        cfg = read_config(args.config, args.overrides)
     except Exception as e:
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
-    job_id = args.job_id or new_job_id()
-    paths = JobPaths(os.path.abspath(args.storage), job_id)
-    paths.job_dir.mkdir(parents=True, exist_ok=True)
-    write_json(paths.config, cfg.model_dump(mode="json"))
+    store = paths.storage
+    store.write_json(paths.config_key, cfg.model_dump(mode="json"))
 
     import ray
 
@@ -129,19 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight(cfg)
         build_trainer(cfg, paths, args.registry, args.trust_remote_code).fit()
-        metrics = json.loads((paths.artifacts / "metrics.json").read_text())
+        metrics = store.read_json(paths.artifact_key("metrics.json"))
     except Exception as e:  # everything a job can die of ends as `failed` with a reason
         reason = _short_reason(e)
         traceback.print_exc()
         print(f"job {job_id} failed: {reason}", file=sys.stderr, flush=True)
-        write_json(paths.job_dir / "error.json", {"reason": reason, "time": time.time()})
+        store.write_json(paths.error_key, {"reason": reason, "time": time.time()})
         registry.update_sync(job_id, state="failed", error=reason, finished_at=time.time())
         return 1
     artifacts = paths.list_artifacts()
     summary = {k: v for k, v in metrics.items() if k not in ("history", "student_selection")}
-    report_file = paths.artifacts / "report.json"
-    if report_file.is_file():  # exports' quality in the status too
-        exports = json.loads(report_file.read_text()).get("exports", {})
+    report_key = paths.artifact_key("report.json")
+    if store.is_file(report_key):  # exports' quality in the status too
+        exports = store.read_json(report_key).get("exports", {})
         summary["exports"] = {
             name: {k: e[k] for k in ("ppl", "max_abs_logit_diff", "top1_agreement")}
             for name, e in exports.items()
@@ -156,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"job {job_id} succeeded in {time.time() - t0:.0f}s; {len(artifacts)} artifacts "
-        f"in {paths.artifacts}",
+        f"in {store.uri(paths.artifacts_key)}",
         flush=True,
     )
     return 0

@@ -4,6 +4,9 @@
 <root>/jobs/<job_id>/config.json   the DistillConfig the job was submitted with
 <root>/jobs/<job_id>/artifacts/    everything the user downloads
 <root>/ray/<job_id>/               Ray Train's run folder (checkpoints)
+
+The root is a shared folder or s3://bucket/prefix (see train_job.storage). The `*_key`
+attributes work for both; the Path properties only for a folder.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ import re
 import uuid
 from pathlib import Path
 
+from train_job.storage import Storage
+
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+REGISTRY_STATE_KEY = "registry/state.json"
+RAY_KEY = "ray"
 
 
 def new_job_id() -> str:
@@ -24,50 +31,52 @@ def valid_job_id(job_id: str) -> bool:
 
 
 class JobPaths:
-    def __init__(self, root: str | Path, job_id: str):
+    def __init__(self, root: str | Path | Storage, job_id: str):
         if not valid_job_id(job_id):
             raise ValueError(
                 f"job id '{job_id}' is invalid: use 1-64 letters, digits, '-' or '_', "
                 "starting with a letter or digit"
             )
-        self.root = Path(root)
+        self.storage = root if isinstance(root, Storage) else Storage(root)
         self.job_id = job_id
+        self.job_key = f"jobs/{job_id}"
+        self.config_key = f"{self.job_key}/config.json"
+        self.error_key = f"{self.job_key}/error.json"
+        self.artifacts_key = f"{self.job_key}/artifacts"
 
     @property
-    def job_dir(self) -> Path:
-        return self.root / "jobs" / self.job_id
+    def root(self) -> str:
+        """The storage root as a path or s3:// URI."""
+        return self.storage.root
 
-    @property
-    def config(self) -> Path:
-        return self.job_dir / "config.json"
-
-    @property
-    def artifacts(self) -> Path:
-        return self.job_dir / "artifacts"
+    def artifact_key(self, rel: str) -> str:
+        return f"{self.artifacts_key}/{rel}"
 
     def list_artifacts(self) -> list[dict]:
         """Regular files inside the artifact folder; symlinks and temp files never listed."""
-        base = self.artifacts
-        if not base.is_dir():
-            return []
-        real_base = base.resolve()
-        out = []
-        for p in sorted(base.rglob("*")):
-            if p.is_symlink() or not p.is_file() or p.name.endswith(".tmp"):
-                continue
-            if not p.resolve().is_relative_to(real_base):  # reached through a linked folder
-                continue
-            out.append({"path": p.relative_to(base).as_posix(), "size": p.stat().st_size})
-        return out
+        return self.storage.list_files(self.artifacts_key)
+
+    # ---- local paths (a shared-folder root only) ----------------------------------------
+    @property
+    def job_dir(self) -> Path:
+        return self.storage.local_path(self.job_key)
+
+    @property
+    def config(self) -> Path:
+        return self.storage.local_path(self.config_key)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.storage.local_path(self.artifacts_key)
 
     @property
     def ray_storage(self) -> Path:
-        return self.root / "ray"
+        return self.storage.local_path(RAY_KEY)
 
     @property
     def run_dir(self) -> Path:
-        return self.ray_storage / self.job_id
+        return self.storage.local_path(f"{RAY_KEY}/{self.job_id}")
 
 
 def registry_state_file(root: str | Path) -> Path:
-    return Path(root) / "registry" / "state.json"
+    return Storage(root).local_path(REGISTRY_STATE_KEY)

@@ -3,7 +3,8 @@
 Ray-specific parts only: device and rank from the train context, DDP through
 `prepare_model`, `ray.train.report` at logging steps (a collective in Train V2, so
 every rank calls it the same number of times), checkpoints attached by rank 0 at
-save steps, and resume through `ray.train.get_checkpoint()`.
+save steps, and resume through `ray.train.get_checkpoint()`. Rank 0 writes the artifact
+folder with plain file APIs into `Storage.staged` (on S3: a local copy, then uploaded).
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         kept_layers=state["kept_layers"] if state else None,
     )
     history: list[dict] = list(state.get("history", [])) if state else []
-    before = pipeline.evaluate_before(run, paths.artifacts) if rank == 0 else {}
+    before: dict = {}
+    if rank == 0:
+        with paths.storage.staged(paths.artifacts_key) as out:  # keeps before.json for resumes
+            before = pipeline.evaluate_before(run, out)
     if state is not None:
         load_state_dict(run, state)
     resumed_from = run.step
@@ -128,7 +132,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "blocks_seen_by_rank": blocks_by_rank,
             "resumed_from_step": resumed_from if state else None,
         }
-        metrics = pipeline.finalize(
-            run, paths.artifacts, before, history, train_s, started, extra=extra
-        )
+        with paths.storage.staged(paths.artifacts_key) as out:
+            metrics = pipeline.finalize(run, out, before, history, train_s, started, extra=extra)
         print(json.dumps({"final": pipeline.summary_line(metrics)}), flush=True)
