@@ -52,11 +52,11 @@ class JobLauncher:
             "-m",
             "train_job",
             "--config",
-            str(paths.config),
+            paths.storage.uri(paths.config_key),  # a path or s3:// URI
             "--job-id",
             job_id,
             "--storage",
-            str(paths.root),
+            paths.root,
             "--registry",
             self.settings.registry_spec,
         ]

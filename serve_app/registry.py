@@ -1,7 +1,7 @@
 """The job registry: a detached, named, restartable Ray actor that owns job state.
 
 It persists every change to `<storage>/registry/state.json` (write to a temp file,
-then rename) and reloads it when Ray restarts it. A background loop (every
+then rename; one PUT on S3) and reloads it when Ray restarts it. A background loop (every
 `poll_interval_s`) starts pending jobs in submission order while fewer than
 `max_concurrent_jobs` are active, and reconciles with Ray's own job status so that a
 driver that crashed shows `failed`, never `running` forever.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import ray
 from serve_app.launcher import JobLauncher
 from serve_app.schemas import TERMINAL
 from serve_app.settings import Settings
-from train_job.paths import registry_state_file
+from train_job.paths import REGISTRY_STATE_KEY, registry_state_file
+from train_job.storage import Storage
 
 log = logging.getLogger(__name__)
 ACTIVE = ("submitted", "running", "exporting")
@@ -46,7 +46,7 @@ JOB_FIELDS = {
 class JobRegistry:
     def __init__(self, settings: dict[str, Any]):
         self.settings = Settings(**settings)
-        self.path = registry_state_file(self.settings.storage_root)
+        self.storage = Storage(self.settings.storage_root)
         self.jobs: dict[str, dict[str, Any]] = {}
         self._loop: asyncio.Task | None = None
         self._tick_lock: asyncio.Lock | None = None
@@ -55,16 +55,15 @@ class JobRegistry:
 
     # ---- persistence ----------------------------------------------------------
     def _load(self) -> None:
-        if self.path.is_file():
-            data = json.loads(self.path.read_text())
+        if self.storage.is_file(REGISTRY_STATE_KEY):
+            data = json.loads(self.storage.read_bytes(REGISTRY_STATE_KEY))
             self.jobs = {j["job_id"]: j for j in data.get("jobs", [])}
-            log.info("registry reloaded %d jobs from %s", len(self.jobs), self.path)
+            where = self.storage.uri(REGISTRY_STATE_KEY)
+            log.info("registry reloaded %d jobs from %s", len(self.jobs), where)
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"jobs": list(self.jobs.values())}, default=str))
-        os.replace(tmp, self.path)
+        data = json.dumps({"jobs": list(self.jobs.values())}, default=str)
+        self.storage.write_bytes(REGISTRY_STATE_KEY, data.encode())
 
     def _ensure_loop(self) -> None:
         if self._loop is None or self._loop.done():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from kd.config import DistillConfig
-from kd.export import write_json
+from serve_app.downloads import artifact_response
 from serve_app.schemas import (
     TERMINAL,
     ArtifactList,
@@ -18,7 +19,7 @@ from serve_app.schemas import (
     JobState,
     SubmitResponse,
 )
-from serve_app.security import check_token, job_paths, policy_problems, safe_artifact
+from serve_app.security import check_token, job_paths, policy_problems
 from serve_app.service import Service, current
 from train_job.paths import new_job_id, valid_job_id
 
@@ -63,9 +64,9 @@ async def distill(
         )
     job_id = job_id or new_job_id()
     paths = job_paths(svc.settings, job_id)
-    paths.job_dir.mkdir(parents=True, exist_ok=True)
     config = cfg.model_dump(mode="json")
-    write_json(paths.config, config)  # the job reads its config from storage
+    # the job reads its config from storage (a shared folder or S3)
+    await asyncio.to_thread(paths.storage.write_json, paths.config_key, config)
     job, _ = await svc.registry.create.remote(job_id, config)
     return SubmitResponse(job_id=job_id, state=job["state"], status_url=f"/status/{job_id}")
 
@@ -107,12 +108,12 @@ async def cancel(job_id: str, svc: Svc) -> JobPublic:
 async def artifacts(job_id: str, svc: Svc) -> ArtifactList:
     await _job(svc, job_id)
     paths = job_paths(svc.settings, job_id)
-    return ArtifactList(job_id=job_id, artifacts=paths.list_artifacts())
+    return ArtifactList(job_id=job_id, artifacts=await asyncio.to_thread(paths.list_artifacts))
 
 
 @router.get("/download/{job_id}/{path:path}", tags=["artifacts"])
-async def download(job_id: str, path: str, svc: Svc) -> FileResponse:
+async def download(job_id: str, path: str, request: Request, svc: Svc) -> Response:
     """Stream one artifact, with Content-Length; HTTP Range requests are honoured."""
     await _job(svc, job_id)
-    target = safe_artifact(job_paths(svc.settings, job_id), path)
-    return FileResponse(target, filename=target.name, media_type="application/octet-stream")
+    paths = job_paths(svc.settings, job_id)
+    return await artifact_response(paths, path, request.headers.get("range"))

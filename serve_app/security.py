@@ -87,20 +87,40 @@ def job_paths(settings: Settings, job_id: str) -> JobPaths:
     return JobPaths(settings.storage_root, job_id)
 
 
+def _checked_rel(rel: str) -> HTTPException:
+    """The 404 to raise for `rel`; raised at once for an absolute path, '..' or '.'
+    parts, empty parts, backslashes or NUL."""
+    not_found = HTTPException(status_code=404, detail=f"no artifact '{rel[:200]}'")
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel:
+        raise not_found
+    if any(p in ("..", ".", "") for p in rel.split("/")):  # not PurePosixPath: it drops them
+        raise not_found
+    return not_found
+
+
 def safe_artifact(paths: JobPaths, rel: str) -> Path:
-    """The file `rel` inside the job's artifact folder, or 404.
+    """The file `rel` inside the job's (local) artifact folder, or 404.
 
     Rejects absolute paths, '..' and '.' parts, backslashes, NUL, and anything whose
     real path (symlinks resolved) leaves the artifact folder.
     """
-    not_found = HTTPException(status_code=404, detail=f"no artifact '{rel[:200]}'")
-    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel:
-        raise not_found
-    parts = PurePosixPath(rel).parts
-    if any(p in ("..", ".", "") for p in parts):
-        raise not_found
+    not_found = _checked_rel(rel)
     base = paths.artifacts.resolve()
     target = (paths.artifacts / rel).resolve()
     if not target.is_relative_to(base) or not target.is_file():
         raise not_found
     return target
+
+
+def safe_artifact_key(paths: JobPaths, rel: str) -> tuple[str, int]:
+    """(key, size) of the object `rel` under the job's artifact prefix on S3, or 404.
+
+    The same checks on `rel` as for a folder; S3 has no links, so a key built from
+    checked parts cannot leave the prefix. Temp files are as invisible as in listings.
+    """
+    not_found = _checked_rel(rel)
+    key = paths.artifact_key(rel)
+    size = None if rel.endswith(".tmp") else paths.storage.file_size(key)
+    if size is None:
+        raise not_found
+    return key, size

@@ -14,7 +14,8 @@ class Settings(BaseSettings):
 
     storage_root: str = Field(
         default_factory=lambda: os.path.abspath("llm2slm-storage"),
-        description="Shared storage for job configs, checkpoints, artifacts and the registry.",
+        description="Job configs, checkpoints, artifacts and the registry: a shared folder "
+        "or s3://bucket/prefix (S3 settings: LLM2SLM_S3_ENDPOINT_URL and the AWS_* variables).",
     )
     ray_dashboard_address: str = Field(
         "http://127.0.0.1:8265", description="Ray dashboard (job API) of the training cluster."
