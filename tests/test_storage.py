@@ -7,6 +7,7 @@ registry actor, the job driver and the training workers all go through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -243,46 +244,56 @@ def test_job_through_the_api_on_s3(ray_cluster, s3_env, tiny_teacher, corpus):
     opts = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
     app = Llm2SlmAPI.options(ray_actor_options=opts).bind(settings.model_dump(mode="json"))
     serve.run(app, name="s3", route_prefix="/s3")
-    cfg = tiny_cfg(tiny_teacher, corpus, max_steps=4, save_every=2, max_eval_blocks=2)
-    t0 = time.time()
-    with httpx.Client(base_url=ray_cluster["http"] + "/s3", timeout=60) as c:
-        st = _run_to_the_end(c, cfg.model_dump(mode="json"))
-        job_id = st["job_id"]
-        print(f"\n[timing] tiny job on S3: done after {time.time() - t0:.1f}s")
-        if st["state"] != "succeeded":
-            from ray.job_submission import JobSubmissionClient
+    try:
+        cfg = tiny_cfg(tiny_teacher, corpus, max_steps=4, save_every=2, max_eval_blocks=2)
+        t0 = time.time()
+        with httpx.Client(base_url=ray_cluster["http"] + "/s3", timeout=60) as c:
+            st = _run_to_the_end(c, cfg.model_dump(mode="json"))
+            job_id = st["job_id"]
+            print(f"\n[timing] tiny job on S3: done after {time.time() - t0:.1f}s")
+            if st["state"] != "succeeded":
+                from ray.job_submission import JobSubmissionClient
 
-            n = st.get("attempt") or 0
-            sub = job_id if n == 0 else f"{job_id}--retry{n}"
-            try:
-                logs = JobSubmissionClient(ray_cluster["dashboard"]).get_job_logs(sub)
-            except RuntimeError as e:
-                logs = f"(no logs: {e})"
-            pytest.fail(f"job {job_id} {st['state']}: {st.get('error')}\n{logs[-6000:]}")
-        assert st["step"] == 4
+                n = st.get("attempt") or 0
+                sub = job_id if n == 0 else f"{job_id}--retry{n}"
+                try:
+                    logs = JobSubmissionClient(ray_cluster["dashboard"]).get_job_logs(sub)
+                except RuntimeError as e:
+                    logs = f"(no logs: {e})"
+                pytest.fail(f"job {job_id} {st['state']}: {st.get('error')}\n{logs[-6000:]}")
+            assert st["step"] == 4
 
-        store = Storage(root)
-        assert store.read_json(f"jobs/{job_id}/config.json")["max_steps"] == 4
-        registry = store.read_json("registry/state.json")
-        assert any(j["job_id"] == job_id and j["state"] == "succeeded" for j in registry["jobs"])
-        ckpts = [f["path"] for f in store.list_files(f"ray/{job_id}")]
-        states = [p for p in ckpts if p.startswith("checkpoint_") and p.endswith("/state.pt")]
-        assert len(states) == 2, ckpts  # steps 2 and 4 (num_to_keep=2)
+            store = Storage(root)
+            assert store.read_json(f"jobs/{job_id}/config.json")["max_steps"] == 4
+            registry = store.read_json("registry/state.json")
+            assert any(
+                j["job_id"] == job_id and j["state"] == "succeeded" for j in registry["jobs"]
+            )
+            ckpts = [f["path"] for f in store.list_files(f"ray/{job_id}")]
+            states = [p for p in ckpts if p.startswith("checkpoint_") and p.endswith("/state.pt")]
+            assert len(states) == 2, ckpts  # steps 2 and 4 (num_to_keep=2)
 
-        on_s3 = store.list_files(f"jobs/{job_id}/artifacts")
-        listed = c.get(f"/artifacts/{job_id}").json()["artifacts"]
-        assert listed == on_s3
-        names = {a["path"] for a in listed}
-        assert {"before.json", "metrics.json", "report.json", "student/model.safetensors"} <= names
-        metrics = json.loads(c.get(f"/download/{job_id}/metrics.json").content)
-        assert metrics["steps"] == 4 and metrics["student_ppl_after"] > 0
-        weights = store.read_bytes(f"jobs/{job_id}/artifacts/student/model.safetensors")
-        r = c.get(f"/download/{job_id}/student/model.safetensors")
-        assert r.status_code == 200 and r.content == weights
-        r = c.get(
-            f"/download/{job_id}/student/model.safetensors", headers={"Range": "bytes=10-109"}
-        )
-        assert r.status_code == 206 and r.content == weights[10:110]
-        assert c.get(f"/download/{job_id}/config.json").status_code == 404  # not an artifact
-    serve.delete("s3")
-    ray.kill(ray.get_actor("s3-registry", namespace="llm2slm-test-s3"))
+            on_s3 = store.list_files(f"jobs/{job_id}/artifacts")
+            listed = c.get(f"/artifacts/{job_id}").json()["artifacts"]
+            assert listed == on_s3
+            names = {a["path"] for a in listed}
+            assert {
+                "before.json",
+                "metrics.json",
+                "report.json",
+                "student/model.safetensors",
+            } <= names
+            metrics = json.loads(c.get(f"/download/{job_id}/metrics.json").content)
+            assert metrics["steps"] == 4 and metrics["student_ppl_after"] > 0
+            weights = store.read_bytes(f"jobs/{job_id}/artifacts/student/model.safetensors")
+            r = c.get(f"/download/{job_id}/student/model.safetensors")
+            assert r.status_code == 200 and r.content == weights
+            r = c.get(
+                f"/download/{job_id}/student/model.safetensors", headers={"Range": "bytes=10-109"}
+            )
+            assert r.status_code == 206 and r.content == weights[10:110]
+            assert c.get(f"/download/{job_id}/config.json").status_code == 404  # not an artifact
+    finally:
+        serve.delete("s3")
+        with contextlib.suppress(ValueError):  # never created when serve.run failed
+            ray.kill(ray.get_actor("s3-registry", namespace="llm2slm-test-s3"))
