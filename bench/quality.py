@@ -91,8 +91,9 @@ def run_variant(name: str, base: dict, eval_blocks: int, with_untrained: bool) -
     }
     if with_untrained:
         before = evaluate_run(run, eval_blocks)
-        rows.append({"variant": "untrained", **common, **before, "steps": 0, "tokens": 0,
-                     "train_s": 0.0})
+        rows.append(
+            {"variant": "untrained", **common, **before, "steps": 0, "tokens": 0, "train_s": 0.0}
+        )
         print(json.dumps(rows[-1]), flush=True)
     t0 = time.perf_counter()
     history: list[dict] = []
@@ -135,7 +136,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/quality.jsonl")
     args = ap.parse_args()
     if not Path(args.corpus).exists():
-        sys.exit(f"--corpus {args.corpus} does not exist (e.g. ../shared/data/wikitext-2/valid.txt)")
+        hint = "e.g. ../shared/data/wikitext-2/valid.txt"
+        sys.exit(f"--corpus {args.corpus} does not exist; {hint}")
     base = {
         "dataset": str(Path(args.corpus).resolve()),
         "max_steps": args.steps,
