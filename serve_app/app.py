@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serve_app import routes, service
+from serve_app import report_page, routes, service
 from serve_app.settings import Settings
 
 
@@ -90,6 +90,7 @@ def create_api() -> FastAPI:
     )
     api.include_router(routes.public)
     api.include_router(routes.router)
+    api.include_router(report_page.router)
     api.add_middleware(BodyLimit)
     api.add_middleware(PathGuard)
     return api
