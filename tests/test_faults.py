@@ -258,8 +258,11 @@ def test_storage_write_fails_job_fails_with_reason_checkpoint_intact(
         run_dir.chmod(0o755)
         text = out.decode(errors="replace")
         assert proc.returncode == 1, text[-4000:]
-        reason = json.loads((root / "jobs" / job_id / "error.json").read_text())["reason"]
-        assert "checkpoint" in reason and ("No space" in reason or "denied" in reason), reason
+        line = [ln for ln in text.splitlines() if ln.startswith(f"job {job_id} failed: ")]
+        assert line, text[-4000:]  # on a full disk error.json may not fit: stdout has it
+        reason = line[-1].split(": ", 1)[1]
+        assert "CheckpointWriteError" in reason and "step-4 checkpoint" in reason, reason
+        assert "No space left" in reason or "denied" in reason, reason
         intact = registered_checkpoints(run_dir)  # loads each one
         assert intact and intact[0][0] == 2, intact
         MEASURED["storage_fault"] = {"mode": mode, "reason": reason[:300], "intact": intact[0][0]}
