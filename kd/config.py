@@ -35,7 +35,10 @@ LayerSelection = Literal["uniform", "block_influence", "first"]
 class DistillConfig(BaseModel):
     """A distillation job: which models, which data, which loss, how long."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+    # allow_inf_nan=False: JSON bodies parsed by Python accept NaN and Infinity.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=False, frozen=False, allow_inf_nan=False
+    )
 
     # ---- models -------------------------------------------------------------------
     teacher_model: str = Field(

@@ -17,6 +17,7 @@ from serve_app.schemas import (
     JobPublic,
     JobState,
     SubmitResponse,
+    problems,
 )
 from serve_app.security import check_token, job_paths, policy_problems, safe_artifact
 from serve_app.service import Service, current
@@ -30,7 +31,7 @@ def authorized(request: Request, svc: Annotated[Service, Depends(current)]) -> S
 
 Svc = Annotated[Service, Depends(authorized)]
 public = APIRouter()
-router = APIRouter()
+router = APIRouter(responses=problems(401))
 
 
 @public.get("/healthz", response_model=Health, tags=["ops"])
@@ -38,7 +39,13 @@ async def healthz(svc: Annotated[Service, Depends(current)]) -> Health:
     return Health(status="ok", registry=await svc.registry_alive())
 
 
-@router.post("/distill", status_code=202, response_model=SubmitResponse, tags=["jobs"])
+@router.post(
+    "/distill",
+    status_code=202,
+    response_model=SubmitResponse,
+    tags=["jobs"],
+    responses=problems(400, 413),
+)
 async def distill(
     cfg: DistillConfig,
     svc: Svc,
@@ -78,7 +85,7 @@ async def _job(svc: Service, job_id: str) -> dict:
     return job
 
 
-@router.get("/status/{job_id}", response_model=JobPublic, tags=["jobs"])
+@router.get("/status/{job_id}", response_model=JobPublic, tags=["jobs"], responses=problems(404))
 async def status(job_id: str, svc: Svc) -> JobPublic:
     return JobPublic(**(await _job(svc, job_id)))
 
@@ -94,7 +101,9 @@ async def list_jobs(
     return JobPage(jobs=[JobPublic(**j) for j in jobs], total=total, offset=offset, limit=limit)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
+@router.delete(
+    "/jobs/{job_id}", response_model=JobPublic, tags=["jobs"], responses=problems(404, 409)
+)
 async def cancel(job_id: str, svc: Svc) -> JobPublic:
     """Stop the Ray Job (or drop it from the queue); the state becomes `cancelled`."""
     job = await _job(svc, job_id)
@@ -103,14 +112,24 @@ async def cancel(job_id: str, svc: Svc) -> JobPublic:
     return JobPublic(**(await svc.registry.cancel.remote(job_id)))
 
 
-@router.get("/artifacts/{job_id}", response_model=ArtifactList, tags=["artifacts"])
+@router.get(
+    "/artifacts/{job_id}",
+    response_model=ArtifactList,
+    tags=["artifacts"],
+    responses=problems(404),
+)
 async def artifacts(job_id: str, svc: Svc) -> ArtifactList:
     await _job(svc, job_id)
     paths = job_paths(svc.settings, job_id)
     return ArtifactList(job_id=job_id, artifacts=paths.list_artifacts())
 
 
-@router.get("/download/{job_id}/{path:path}", tags=["artifacts"])
+@router.get(
+    "/download/{job_id}/{path:path}",
+    tags=["artifacts"],
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}} | problems(404),
+)
 async def download(job_id: str, path: str, svc: Svc) -> FileResponse:
     """Stream one artifact, with Content-Length; HTTP Range requests are honoured."""
     await _job(svc, job_id)
