@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from kd import evaluate  # noqa: E402
+from kd import curves, evaluate  # noqa: E402
 from kd.config import DistillConfig, parse_overrides  # noqa: E402
 from kd.train import setup, train  # noqa: E402
 
@@ -76,8 +76,11 @@ def evaluate_run(run, eval_blocks: int) -> dict:
     return out
 
 
-def run_variant(name: str, base: dict, eval_blocks: int, with_untrained: bool) -> list[dict]:
+def run_variant(
+    name: str, base: dict, eval_blocks: int, with_untrained: bool, out_dir: Path
+) -> list[dict]:
     cfg = DistillConfig(**{**base, **VARIANTS[name]})
+    # held-out perplexity on 8 blocks every 5 steps, for the curves (inside train_s)
     t0 = time.perf_counter()
     run = setup(cfg, log_fn=lambda m: print(f"  [{name}] {m}", flush=True))
     setup_s = time.perf_counter() - t0
@@ -100,6 +103,10 @@ def run_variant(name: str, base: dict, eval_blocks: int, with_untrained: bool) -
     train(run, report=history.append)
     train_s = time.perf_counter() - t0
     after = evaluate_run(run, eval_blocks)
+    ref = {"teacher_ppl": after["teacher_ppl"]}
+    if with_untrained:
+        ref["student_ppl_before"] = rows[0]["student_ppl"]
+    curves.plot_curves(history, out_dir / f"curves_{name}.png", reference=ref)
     rows.append(
         {
             "variant": name,
@@ -109,7 +116,7 @@ def run_variant(name: str, base: dict, eval_blocks: int, with_untrained: bool) -
             "setup_s": setup_s,
             "tokens_per_s": common["tokens"] / train_s,
             "config": {k: v for k, v in cfg.model_dump().items() if k in _TUNED},
-            "last_log": history[-1] if history else {},
+            "history": history,
         }
     )
     print(json.dumps(rows[-1]), flush=True)
@@ -142,7 +149,8 @@ def main() -> None:
         "dataset": str(Path(args.corpus).resolve()),
         "max_steps": args.steps,
         "eval_fraction": args.eval_fraction,
-        "max_eval_blocks": args.eval_blocks,
+        "max_eval_blocks": 8,  # the in-training curve; the final numbers use --eval-blocks
+        "eval_every": 5,
         "export_onnx": False,
         "post_training_quant": False,
         "save_every": 0,
@@ -151,10 +159,11 @@ def main() -> None:
     header = {"machine": machine(), "argv": sys.argv[1:]}
     print(json.dumps(header), flush=True)
     rows: list[dict] = []
-    for i, name in enumerate(args.variants):
-        rows += run_variant(name, base, args.eval_blocks, i == 0 and not args.no_untrained)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(args.variants):
+        first = i == 0 and not args.no_untrained
+        rows += run_variant(name, base, args.eval_blocks, first, out.parent)
     with out.open("a") as f:
         for r in rows:
             f.write(json.dumps({**header, **r}) + "\n")

@@ -24,7 +24,7 @@ TENSORBOARD = "tensorboard"
 # Keys of a history row that are not loss parts.
 NOT_LOSS = {"step", "lr", "tokens_per_s", "epoch", "grad_norm", "eval_ppl"}
 # Loss parts in a stable order (the total first); any other part follows.
-PART_ORDER = ["loss", "kd", "ce", "mse", "cos", "attn"]
+PART_ORDER = ["loss", "kd", "ce", "lm", "mse", "cos", "attn"]
 
 
 def loss_parts(history: list[dict]) -> list[str]:
