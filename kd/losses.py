@@ -38,6 +38,8 @@ def _divergence_rows(
 ) -> tuple[Tensor, Tensor | None]:
     """D per row and dD/ds (s = student logits / T), for [n, V] log-probabilities.
 
+    Consumes `s_logp` and `t_logp` (they may be overwritten).
+
     forward_kl: KL(p_T‖p_S) = Σ p_T (log p_T − log p_S);   dD/ds = p_S − p_T
     reverse_kl: KL(p_S‖p_T) = Σ p_S r, r = log p_S − log p_T;  dD/ds = p_S ⊙ (r − D)
     jsd:        β·KL(p_T‖m) + (1−β)·KL(p_S‖m), m = β p_T + (1−β) p_S;
@@ -45,12 +47,14 @@ def _divergence_rows(
     The β = 0 and β = 1 limits of the JSD are 0 (m equals one side); GKD's convention
     maps them to the KLs, which `forward_kl` / `reverse_kl` already provide.
     """
-    p_s = s_logp.exp()
     if objective == "forward_kl":
+        # In place (both inputs are consumed): at most three [n, V] tensors alive.
         p_t = t_logp.exp()
-        d = torch.sum(p_t * (t_logp - s_logp), dim=-1)
-        grad = (p_s - p_t) if want_grad else None
-    elif objective == "reverse_kl":
+        d = t_logp.sub_(s_logp).mul_(p_t).sum(dim=-1)
+        grad = s_logp.exp_().sub_(p_t) if want_grad else None
+        return d, grad
+    p_s = s_logp.exp()
+    if objective == "reverse_kl":
         r = s_logp - t_logp
         d = torch.sum(p_s * r, dim=-1)
         grad = p_s * (r - d.unsqueeze(-1)) if want_grad else None
@@ -83,6 +87,49 @@ def validate_objective(objective: str) -> None:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 
+def _chunk_terms(
+    s: Tensor,
+    t: Tensor,
+    inv_n: float,
+    temperature: float,
+    objective: str,
+    beta: float,
+    w_kd: float,
+    w_ce: float,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The vocabulary terms of one chunk of fp32 logits s, t: [c, V] (both consumed).
+
+    Returns (Σ D, Σ CE, dL/ds) where dL/ds is already weighted and divided by the
+    number of rows n of the whole batch (inv_n = 1/n). CE comes first so that the raw
+    logits can be freed before the temperature-scaled log-probabilities exist.
+    """
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    kd_sum, ce_sum, g = zero, zero, None
+    if w_ce != 0.0:
+        target = t.argmax(dim=-1)
+        s_logp1 = F.log_softmax(s, dim=-1)
+        ce_sum = -s_logp1.gather(1, target[:, None]).sum()
+        if want_grad:  # softmax(s) − onehot(target)
+            g = s_logp1.exp_()
+            g[torch.arange(s.shape[0], device=g.device), target] -= 1.0
+            g.mul_(w_ce * inv_n)
+        del s_logp1
+    if w_kd != 0.0:
+        inv_t = 1.0 / temperature
+        t_logp = F.log_softmax(t.mul_(inv_t), dim=-1)
+        del t
+        s_logp = F.log_softmax(s.mul_(inv_t), dim=-1)
+        d, dd = _divergence_rows(s_logp, t_logp, objective, beta, want_grad)
+        del s_logp, t_logp
+        kd_sum = d.sum()
+        if want_grad:
+            # d(T² D)/dz = T² · dD/ds · (1/T) = T · dD/ds
+            dd.mul_(w_kd * temperature * inv_n)
+            g = dd if g is None else g.add_(dd)
+    return kd_sum, ce_sum, g
+
+
 class _VocabTerms(torch.autograd.Function):
     """α·T²·mean D + β·mean CE(student, argmax teacher), gradient precomputed chunkwise.
 
@@ -100,30 +147,18 @@ class _VocabTerms(torch.autograd.Function):
         acc = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
         kd_sum = torch.zeros((), dtype=acc, device=s_logits.device)
         ce_sum = torch.zeros((), dtype=acc, device=s_logits.device)
-        inv_t = 1.0 / temperature
+        args = (1.0 / n, temperature, objective, beta, w_kd, w_ce, want_grad)
         for start in range(0, rows.numel(), chunk):
             idx = rows[start : start + chunk]
-            s = _upcast(s_logits.index_select(0, idx))
-            t = _upcast(t_logits.index_select(0, idx))
-            g = None
-            if w_kd != 0.0:
-                s_logp = F.log_softmax(s * inv_t, dim=-1)
-                t_logp = F.log_softmax(t * inv_t, dim=-1)
-                d, dd = _divergence_rows(s_logp, t_logp, objective, beta, want_grad)
-                kd_sum += d.sum()
-                if want_grad:
-                    # d(T² D)/dz = T² · dD/ds · (1/T) = T · dD/ds
-                    g = dd.mul_(w_kd * temperature / n)
-                del s_logp, t_logp
-            if w_ce != 0.0:
-                target = t.argmax(dim=-1)
-                s_logp1 = F.log_softmax(s, dim=-1)
-                ce_sum -= s_logp1.gather(1, target[:, None]).sum()
-                if want_grad:
-                    gc = s_logp1.exp_()
-                    gc[torch.arange(idx.numel(), device=gc.device), target] -= 1.0
-                    gc.mul_(w_ce / n)
-                    g = gc if g is None else g.add_(gc)
+            # Fresh copies passed without a name here, so the helper can consume and free
+            # them (CPython hands argument references over to the callee's frame).
+            d, c, g = _chunk_terms(
+                _upcast(s_logits.index_select(0, idx)),
+                _upcast(t_logits.index_select(0, idx)),
+                *args,
+            )
+            kd_sum += d
+            ce_sum += c
             if want_grad and g is not None:
                 grad_buf.index_copy_(0, idx, g.to(grad_buf.dtype))
         kd = kd_sum * (temperature**2) / n
@@ -141,6 +176,142 @@ class _VocabTerms(torch.autograd.Function):
         # scaled buffer; nothing in kd does that.)
         grad = grad_buf.mul_(g_total.to(grad_buf.dtype)) if grad_buf.numel() else None
         return grad, None, None, None, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class HeadInput:
+    """Logits not yet computed: logits = hidden @ weight.T, row by row when needed.
+
+    hidden: [..., H] (the decoder's last normed hidden state); weight: [V, H], the LM
+    head (for tied models, the embedding matrix). Passing this instead of [B, L, V]
+    logits lets the loss compute them chunk by chunk (`fused_vocab_terms`), so no
+    [B, L, V] tensor of either model ever exists.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+
+    @property
+    def vocab(self) -> int:
+        return int(self.weight.shape[0])
+
+    def materialize(self) -> Tensor:
+        """The full logits [..., V] (the unfused fallback)."""
+        return F.linear(self.hidden, self.weight.to(self.hidden.dtype))
+
+
+class _FusedVocabTerms(torch.autograd.Function):
+    """`_VocabTerms` with the two LM heads inside: logits exist one chunk at a time.
+
+    Inputs are the masked rows of both hidden states ([n, H_S], [n, H_T]) and both head
+    matrices. For each chunk, s = h_S W_Sᵀ and t = h_T W_Tᵀ (fp32); the closed-form
+    gradient g = dL/ds of that chunk is turned at once into dL/dh_S = g W_S and
+    accumulated into dL/dW_S += gᵀ h_S. Same FLOPs as the unfused head + autograd;
+    memory O(chunk × V) instead of three [n, V] tensors (both logits and their grad).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, h_s, w_s, h_t, w_t, vocab, temperature, objective, beta, w_kd, w_ce, chunk
+    ):
+        n = max(int(h_s.shape[0]), 1)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_grad = need_h or need_w
+        ws = _upcast(w_s[:vocab])
+        wt = _upcast(w_t[:vocab])
+        grad_h = torch.zeros(h_s.shape, dtype=ws.dtype, device=h_s.device) if need_h else None
+        # A frozen head (LoRA) gets no weight gradient and saves a third of the head FLOPs.
+        grad_w = torch.zeros(w_s.shape, dtype=ws.dtype, device=w_s.device) if need_w else None
+        acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
+        kd_sum = torch.zeros((), dtype=acc, device=h_s.device)
+        ce_sum = torch.zeros((), dtype=acc, device=h_s.device)
+        # Under GPU autocast the hidden states arrive in bf16/fp16: the head matmuls run
+        # in that dtype (tensor cores) and only their [c, V] products are upcast.
+        low = h_s.is_cuda and h_s.dtype in (torch.bfloat16, torch.float16)
+        mm = h_s.dtype if low else ws.dtype
+        ws_mm, wt_mm = ws.to(mm), wt.to(mm)
+        active = w_kd != 0.0 or w_ce != 0.0
+        args = (1.0 / n, temperature, objective, beta, w_kd, w_ce, want_grad)
+        for start in range(0, h_s.shape[0] if active else 0, chunk):
+            hs = h_s[start : start + chunk].to(mm)
+            d, c, g = _chunk_terms(  # s = h_S W_Sᵀ, t = h_T W_Tᵀ: [c, V], consumed
+                _upcast(hs @ ws_mm.T),
+                _upcast(h_t[start : start + chunk].to(mm) @ wt_mm.T),
+                *args,
+            )
+            kd_sum += d
+            ce_sum += c
+            if g is not None:
+                g = g.to(mm)
+                if need_h:
+                    grad_h[start : start + chunk] = g @ ws_mm
+                if need_w and low:
+                    grad_w[:vocab] += (g.T @ hs).to(grad_w.dtype)
+                elif need_w:
+                    grad_w[:vocab].addmm_(g.T, hs)
+            del g
+        kd = kd_sum * (temperature**2) / n
+        ce = ce_sum / n
+        total = w_kd * kd + w_ce * ce
+        empty = torch.empty(0)
+        ctx.save_for_backward(grad_h if need_h else empty, grad_w if need_w else empty)
+        ctx.dtypes = (h_s.dtype, w_s.dtype)
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(ctx, g_total, _g_kd, _g_ce):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        # In place, as in `_VocabTerms`: each buffer is used once.
+        gh = grad_h.mul_(g_total.to(grad_h.dtype)).to(ctx.dtypes[0]) if grad_h.numel() else None
+        gw = grad_w.mul_(g_total.to(grad_w.dtype)).to(ctx.dtypes[1]) if grad_w.numel() else None
+        return gh, gw, None, None, None, None, None, None, None, None, None
+
+
+def fused_vocab_terms(
+    student: HeadInput,
+    teacher: HeadInput,
+    mask: Tensor,
+    *,
+    temperature: float = 2.0,
+    objective: str = "forward_kl",
+    beta: float = 0.5,
+    w_kd: float = 1.0,
+    w_ce: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`vocab_terms` computed from hidden states and LM heads, chunk by chunk.
+
+    Args:
+        student: HeadInput with hidden [B, L, H_S] and weight [V_S, H_S].
+        teacher: HeadInput with hidden [B, L, H_T] and weight [V_T, H_T]; no gradient.
+        mask: [B, L], true where the position has a real target.
+    Returns:
+        (w_kd·T²·D + w_ce·CE, T²·D, CE), equal to `vocab_terms` on the materialized
+        logits (the shared vocabulary prefix when V_S != V_T). Differentiable with
+        respect to the student's hidden state and head weight.
+    """
+    validate_objective(objective)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = _flat_rows(mask.bool())
+    h_s = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, rows)
+    h_t = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
+    vocab = min(student.vocab, teacher.vocab)
+    chunk = int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
+    return _FusedVocabTerms.apply(
+        h_s,
+        student.weight,
+        h_t,
+        teacher.weight.detach(),
+        vocab,
+        float(temperature),
+        objective,
+        float(beta),
+        float(w_kd),
+        float(w_ce),
+        chunk,
+    )
 
 
 def _flat_rows(mask: Tensor) -> Tensor:
@@ -301,6 +472,10 @@ def align_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor,
     return student_logits[..., :v], teacher_logits[..., :v]
 
 
+def _materialize(logits: Tensor | HeadInput) -> Tensor:
+    return logits.materialize() if isinstance(logits, HeadInput) else logits
+
+
 def target_mask(attention_mask: Tensor) -> Tensor:
     """[B, L] real-token mask -> [B, L] mask of positions whose next token is real.
 
@@ -319,6 +494,7 @@ class LossWeights:
     gamma_mse: float = 0.0
     delta_cos: float = 0.0
     epsilon_attn: float = 0.0
+    lm_ce: float = 0.0
     temperature: float = 2.0
     objective: str = "forward_kl"
     jsd_beta: float = 0.5
@@ -332,6 +508,7 @@ class LossWeights:
             gamma_mse=cfg.gamma_mse,
             delta_cos=cfg.delta_cos,
             epsilon_attn=cfg.epsilon_attn,
+            lm_ce=cfg.lm_ce,
             temperature=cfg.temperature,
             objective=cfg.objective,
             jsd_beta=cfg.jsd_beta,
@@ -340,11 +517,12 @@ class LossWeights:
 
 
 def hybrid_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
+    student_logits: Tensor | HeadInput,
+    teacher_logits: Tensor | HeadInput | None,
     attention_mask: Tensor,
     weights: LossWeights,
     *,
+    input_ids: Tensor | None = None,
     student_hidden: Tensor | None = None,
     teacher_hidden: Tensor | None = None,
     student_attn: Tensor | None = None,
@@ -354,8 +532,12 @@ def hybrid_loss(
     """The full hybrid objective.
 
     Args:
-        student_logits, teacher_logits: [B, L, V_S], [B, L, V_T] for the same input_ids.
+        student_logits, teacher_logits: [B, L, V_S], [B, L, V_T] for the same input_ids,
+            or `HeadInput`s (hidden state + LM head): when both are, the logits are
+            computed chunk by chunk inside the loss and never materialized.
         attention_mask: [B, L], 1 for real tokens.
+        input_ids: [B, L], needed only when lm_ce > 0 (next-token CE on the data).
+            teacher_logits may be None when only lm_ce is weighted.
         student_hidden, teacher_hidden: last hidden states [B, L, H_S], [B, L, H_T];
             needed when gamma_mse or delta_cos > 0.
         student_attn, teacher_attn: last-layer attentions [B, H, L, L]; needed when
@@ -366,12 +548,8 @@ def hybrid_loss(
         the active terms (unweighted) and "loss" (the weighted total).
     """
     w = weights
-    s_logits, t_logits = align_vocab(student_logits, teacher_logits)
     tmask = target_mask(attention_mask)
-    total, kd, ce = vocab_terms(
-        s_logits,
-        t_logits,
-        tmask,
+    kw = dict(
         temperature=w.temperature,
         objective=w.objective,
         beta=w.jsd_beta,
@@ -380,10 +558,26 @@ def hybrid_loss(
         chunk_size=w.chunk_size,
     )
     parts: dict[str, Tensor] = {}
-    if w.alpha_kl > 0:
-        parts["kd"] = kd
-    if w.beta_ce > 0:
-        parts["ce"] = ce
+    total = torch.zeros((), device=attention_mask.device)
+    if w.alpha_kl > 0 or w.beta_ce > 0:
+        if teacher_logits is None:
+            raise ValueError("alpha_kl/beta_ce > 0 need the teacher's logits")
+        if isinstance(student_logits, HeadInput) and isinstance(teacher_logits, HeadInput):
+            total, kd, ce = fused_vocab_terms(student_logits, teacher_logits, tmask, **kw)
+        else:
+            s_logits = _materialize(student_logits)
+            s_logits, t_logits = align_vocab(s_logits, _materialize(teacher_logits))
+            total, kd, ce = vocab_terms(s_logits, t_logits, tmask, **kw)
+        if w.alpha_kl > 0:
+            parts["kd"] = kd
+        if w.beta_ce > 0:
+            parts["ce"] = ce
+    if w.lm_ce > 0:
+        if input_ids is None:
+            raise ValueError("lm_ce > 0 needs input_ids (the data's next tokens)")
+        lm = lm_cross_entropy(_materialize(student_logits), input_ids, attention_mask)
+        total = total + w.lm_ce * lm
+        parts["lm"] = lm.detach()
     if w.gamma_mse > 0 or w.delta_cos > 0:
         if student_hidden is None or teacher_hidden is None:
             raise ValueError("gamma_mse/delta_cos > 0 need student_hidden and teacher_hidden")

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kd.config import EMBEDDED_TEACHER
+from kd.losses import HeadInput
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +308,43 @@ class DistillForward(nn.Module):
         if self._want_attn and isinstance(output, tuple) and len(output) > 1:
             self._attn[:] = [output[1]]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, want_attn: bool = False):
+    def head_weight(self) -> Tensor | None:
+        """The LM head's [V, H] weight when logits are exactly `hidden @ weight.T`.
+
+        None when the head has a bias, is wrapped (e.g. an adapter), or the model
+        post-processes logits (soft-capping, a logit scale): those keep the plain path.
+        """
+        head = self.lm.get_output_embeddings()
+        cfg = getattr(self.lm, "config", None)
+        post = any(
+            getattr(cfg, a, None) not in (None, 1.0)
+            for a in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        )
+        if type(head) is not nn.Linear or head.bias is not None or post:
+            return None
+        return head.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        want_attn: bool = False,
+        lazy_logits: bool = False,
+    ):
+        """Returns (logits [B, L, V] or a `HeadInput`, hidden [B, L, H'], attn or None).
+
+        lazy_logits: return `HeadInput(hidden, head weight)` instead of logits when the
+        head allows it (`head_weight`), so the loss computes them chunk by chunk.
+        """
         self._want_attn, self._attn[:] = want_attn, []
         decoder = self.lm.get_decoder()
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state  # [B, L, H]
-        logits = self.lm.get_output_embeddings()(hidden)  # [B, L, V]
+        weight = self.head_weight() if lazy_logits else None
+        if weight is not None:
+            logits = HeadInput(hidden, weight)
+        else:
+            logits = self.lm.get_output_embeddings()(hidden)  # [B, L, V]
         if self.projection is not None:  # student width -> teacher width, for the loss only
             hidden = self.projection(hidden)
         attn = self._attn[0] if self._attn else None

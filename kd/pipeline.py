@@ -8,6 +8,7 @@ produces the same artifact folder:
     <out>/student/           the merged student with a model card (see kd.export)
     <out>/onnx/              model.onnx (fp32) + tokenizer      (export_onnx)
     <out>/int8-dynamic/      model.onnx (ONNX Runtime INT8) + tokenizer (post_training_quant)
+    <out>/curves.png, tensorboard/  training curves (see kd.curves)
     <out>/report.json, report.md, manifest.json
 """
 
@@ -17,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from kd import evaluate, export, report
+from kd import curves, evaluate, export, report
 from kd.export import save_student, write_json
 from kd.train import Run
 
@@ -83,6 +84,7 @@ def finalize(
     }
     metrics.update(extra or {})
     write_json(out / METRICS, metrics)
+    curves.write_all(out, history, run.cfg.model_dump(mode="json"), reference=metrics)
     write_report(run, plain, out, student_dir, metrics)
     return metrics
 

@@ -63,6 +63,10 @@ class Run:
     world: int = 1
 
     @property
+    def lazy_logits(self) -> bool:
+        return self.cfg.fused_lm_head
+
+    @property
     def autocast(self):
         dtype = resolve_precision(self.cfg, self.device)
         if dtype is None:
@@ -280,8 +284,12 @@ def train(
             ids = batch["input_ids"].to(dev, non_blocking=True)
             mask = batch["attention_mask"].to(dev, non_blocking=True)
             # Teacher: no grad, and only the outputs the active terms need.
-            with torch.no_grad(), run.autocast:
-                t_logits, t_hidden, t_attn = run.teacher_fwd(ids, mask, want_attn=want_attn)
+            t_logits = t_hidden = t_attn = None
+            if cfg.needs_teacher:  # the no-teacher baseline (lm_ce only) skips it
+                with torch.no_grad(), run.autocast:
+                    t_logits, t_hidden, t_attn = run.teacher_fwd(
+                        ids, mask, want_attn=want_attn, lazy_logits=run.lazy_logits
+                    )
             # DDP syncs gradients only on the last micro-batch of a step.
             sync = micro == cfg.grad_accum_steps - 1
             ctx = (
@@ -291,19 +299,23 @@ def train(
             )
             with ctx:
                 with run.autocast:
-                    s_logits, s_hidden, s_attn = fwd(ids, mask, want_attn=want_attn)
+                    s_logits, s_hidden, s_attn = fwd(
+                        ids, mask, want_attn=want_attn, lazy_logits=run.lazy_logits
+                    )
                 loss, parts = hybrid_loss(
                     s_logits,
                     t_logits,
                     mask,
                     weights,
+                    input_ids=ids,
                     student_hidden=s_hidden if want_hidden else None,
                     teacher_hidden=t_hidden if want_hidden else None,
                     student_attn=s_attn,
                     teacher_attn=t_attn,
                 )
-                # The loss keeps its own gradient buffer, not the logits: drop both
-                # [B, L, V] tensors so they are not alive at the backward's peak.
+                # With lazy logits the loss computed them chunk by chunk; otherwise it
+                # keeps its own gradient buffer, not the logits: drop both [B, L, V]
+                # tensors so they are not alive at the backward's peak.
                 del t_logits, s_logits
                 (loss / cfg.grad_accum_steps).backward()
             for k, v in parts.items():

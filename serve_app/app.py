@@ -9,20 +9,27 @@ manifest's serveConfigV2.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import unquote
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app import routes, service
+from serve_app import report_page, routes, service
 from serve_app.settings import Settings
 
 
 class BodyLimit:
-    """413 for request bodies over the settings' max_body_bytes, declared or streamed."""
+    """413 for request bodies over the settings' max_body_bytes, declared or streamed.
+
+    The body is read here, up to the limit, before the app sees it: an app that hit
+    the limit while parsing would answer 400 ("error parsing the body") instead.
+    """
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -37,28 +44,24 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await self._reject(scope, receive, send)
-        seen = 0
-
-        async def counted() -> dict:
-            nonlocal seen
+        buffered, seen = [], 0
+        while True:
             msg = await receive()
+            buffered.append(msg)
             seen += len(msg.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
-            return msg
+                return await self._reject(scope, receive, send)
+            if msg["type"] != "http.request" or not msg.get("more_body"):
+                break
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope, receive, send) -> None:
         resp = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, 413)
         await resp(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class PathGuard:
@@ -82,14 +85,32 @@ class PathGuard:
         await self.app(scope, receive, send)
 
 
+def _finite(value: Any) -> Any:
+    """NaN and ±inf as strings: JSON has no such numbers and the encoder refuses them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, except that an echoed NaN input cannot turn it into a 500."""
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, 422)
+
+
 def create_api() -> FastAPI:
     api = FastAPI(
         title="llm2slm",
         version="0.1.0",
         description="Distil a large causal LM into a small one. Jobs run as Ray Jobs.",
     )
+    api.add_exception_handler(RequestValidationError, validation_error)
     api.include_router(routes.public)
     api.include_router(routes.router)
+    api.include_router(report_page.router)
     api.add_middleware(BodyLimit)
     api.add_middleware(PathGuard)
     return api

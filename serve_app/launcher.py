@@ -11,12 +11,14 @@ import os
 import shlex
 import sys
 import threading
+import time
 
 from serve_app.settings import Settings
 from train_job.paths import JobPaths
 
 _ENV_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 _env_lock = threading.Lock()
+_AGENT_RETRIES = 15  # x 2 s: how long a new cluster may take to start its job agent
 
 
 class JobLauncher:
@@ -68,16 +70,22 @@ class JobLauncher:
         runtime_env: dict = {"env_vars": dict(self.settings.job_env)}
         if self.settings.working_dir:
             runtime_env["working_dir"] = self.settings.working_dir
-        try:
-            self.client().submit_job(
-                entrypoint=self.entrypoint(job_id),
-                submission_id=submission_id,
-                runtime_env=runtime_env,
-                metadata={"llm2slm_job_id": job_id},
-            )
-        except RuntimeError as e:
-            if "already exists" not in str(e):  # a repeated submit of the same attempt
-                raise
+        for attempt in range(_AGENT_RETRIES + 1):
+            try:
+                self.client().submit_job(
+                    entrypoint=self.entrypoint(job_id),
+                    submission_id=submission_id,
+                    runtime_env=runtime_env,
+                    metadata={"llm2slm_job_id": job_id},
+                )
+                return
+            except RuntimeError as e:
+                if "already exists" in str(e):  # a repeated submit of the same attempt
+                    return
+                # A cluster that has just started may have no job agent yet: wait for one.
+                if "No available agent" not in str(e) or attempt == _AGENT_RETRIES:
+                    raise
+                time.sleep(2.0)
 
     def stop(self, submission_id: str) -> None:
         try:

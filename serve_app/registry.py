@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from serve_app.launcher import JobLauncher
+from serve_app.metrics import JobMetrics
 from serve_app.schemas import TERMINAL
 from serve_app.settings import Settings
 from train_job.paths import REGISTRY_STATE_KEY, registry_state_file
@@ -51,7 +52,9 @@ class JobRegistry:
         self._loop: asyncio.Task | None = None
         self._tick_lock: asyncio.Lock | None = None
         self.launcher = JobLauncher(self.settings)
+        self.metrics = JobMetrics()  # gauges for the Ray dashboard / Prometheus
         self._load()
+        self.metrics.observe(self.jobs.values())
 
     # ---- persistence ----------------------------------------------------------
     def _load(self) -> None:
@@ -64,6 +67,7 @@ class JobRegistry:
     def _save(self) -> None:
         data = json.dumps({"jobs": list(self.jobs.values())}, default=str)
         self.storage.write_bytes(REGISTRY_STATE_KEY, data.encode())
+        self.metrics.observe(self.jobs.values())
 
     def _ensure_loop(self) -> None:
         if self._loop is None or self._loop.done():

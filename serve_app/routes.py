@@ -6,7 +6,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 
 from kd.config import DistillConfig
 from serve_app.downloads import artifact_response
@@ -18,6 +18,7 @@ from serve_app.schemas import (
     JobPublic,
     JobState,
     SubmitResponse,
+    problems,
 )
 from serve_app.security import check_token, job_paths, policy_problems
 from serve_app.service import Service, current
@@ -31,7 +32,7 @@ def authorized(request: Request, svc: Annotated[Service, Depends(current)]) -> S
 
 Svc = Annotated[Service, Depends(authorized)]
 public = APIRouter()
-router = APIRouter()
+router = APIRouter(responses=problems(401))
 
 
 @public.get("/healthz", response_model=Health, tags=["ops"])
@@ -39,7 +40,13 @@ async def healthz(svc: Annotated[Service, Depends(current)]) -> Health:
     return Health(status="ok", registry=await svc.registry_alive())
 
 
-@router.post("/distill", status_code=202, response_model=SubmitResponse, tags=["jobs"])
+@router.post(
+    "/distill",
+    status_code=202,
+    response_model=SubmitResponse,
+    tags=["jobs"],
+    responses=problems(400, 413),
+)
 async def distill(
     cfg: DistillConfig,
     svc: Svc,
@@ -79,7 +86,7 @@ async def _job(svc: Service, job_id: str) -> dict:
     return job
 
 
-@router.get("/status/{job_id}", response_model=JobPublic, tags=["jobs"])
+@router.get("/status/{job_id}", response_model=JobPublic, tags=["jobs"], responses=problems(404))
 async def status(job_id: str, svc: Svc) -> JobPublic:
     return JobPublic(**(await _job(svc, job_id)))
 
@@ -95,7 +102,9 @@ async def list_jobs(
     return JobPage(jobs=[JobPublic(**j) for j in jobs], total=total, offset=offset, limit=limit)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
+@router.delete(
+    "/jobs/{job_id}", response_model=JobPublic, tags=["jobs"], responses=problems(404, 409)
+)
 async def cancel(job_id: str, svc: Svc) -> JobPublic:
     """Stop the Ray Job (or drop it from the queue); the state becomes `cancelled`."""
     job = await _job(svc, job_id)
@@ -104,14 +113,24 @@ async def cancel(job_id: str, svc: Svc) -> JobPublic:
     return JobPublic(**(await svc.registry.cancel.remote(job_id)))
 
 
-@router.get("/artifacts/{job_id}", response_model=ArtifactList, tags=["artifacts"])
+@router.get(
+    "/artifacts/{job_id}",
+    response_model=ArtifactList,
+    tags=["artifacts"],
+    responses=problems(404),
+)
 async def artifacts(job_id: str, svc: Svc) -> ArtifactList:
     await _job(svc, job_id)
     paths = job_paths(svc.settings, job_id)
     return ArtifactList(job_id=job_id, artifacts=await asyncio.to_thread(paths.list_artifacts))
 
 
-@router.get("/download/{job_id}/{path:path}", tags=["artifacts"])
+@router.get(
+    "/download/{job_id}/{path:path}",
+    tags=["artifacts"],
+    response_class=FileResponse,  # for the docs; S3 answers with a StreamingResponse
+    responses={200: {"content": {"application/octet-stream": {}}}} | problems(404),
+)
 async def download(job_id: str, path: str, request: Request, svc: Svc) -> Response:
     """Stream one artifact, with Content-Length; HTTP Range requests are honoured."""
     await _job(svc, job_id)

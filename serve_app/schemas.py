@@ -54,3 +54,21 @@ class ArtifactList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     registry: bool
+
+
+class Problem(BaseModel):
+    """Every 4xx other than 422 (400, 401, 404, 409, 413) carries one message."""
+
+    detail: str
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error codes a route can answer with."""
+    words = {
+        400: "the body is not valid JSON",
+        401: "missing or wrong API token",
+        404: "no such job or artifact",
+        409: "the job already ended",
+        413: "request body too large",
+    }
+    return {c: {"model": Problem, "description": words[c]} for c in codes}

@@ -43,9 +43,9 @@ def _check_source(field: str, value: str, settings: Settings, hub_ok: bool) -> s
     if value.startswith("embedded:") or value in (EMBEDDED_DATASET, DERIVED_STUDENT):
         return None
     if _looks_local(value):
-        if ".." in PurePosixPath(value).parts or value.startswith("file:"):
-            return f"{field}: relative traversal ('..') and file: URLs are not allowed"
-        path = Path(value).expanduser()
+        if ".." in PurePosixPath(value).parts or value.startswith(("file:", "~")):
+            return f"{field}: '..', '~' and file: URLs are not allowed; give an absolute path"
+        path = Path(value)
         if not path.is_absolute():
             return f"{field}: local paths must be absolute"
         resolved = path.resolve()
@@ -105,10 +105,13 @@ def safe_artifact(paths: JobPaths, rel: str) -> Path:
     real path (symlinks resolved) leaves the artifact folder.
     """
     not_found = _checked_rel(rel)
-    base = paths.artifacts.resolve()
-    target = (paths.artifacts / rel).resolve()
-    if not target.is_relative_to(base) or not target.is_file():
-        raise not_found
+    try:  # a name too long for the filesystem is not found, not a server error
+        base = paths.artifacts.resolve()
+        target = (paths.artifacts / rel).resolve()
+        if not target.is_relative_to(base) or not target.is_file():
+            raise not_found
+    except OSError:
+        raise not_found from None
     return target
 
 

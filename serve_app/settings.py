@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     ray_dashboard_address: str = Field(
         "http://127.0.0.1:8265", description="Ray dashboard (job API) of the training cluster."
     )
-    max_concurrent_jobs: int = Field(2, ge=1, le=10_000, description="Jobs running at once.")
+    max_concurrent_jobs: int = Field(
+        2, ge=0, le=10_000, description="Jobs running at once; 0 pauses starting (jobs queue)."
+    )
     api_token: SecretStr | None = Field(
         None, description="When set, every endpoint but /healthz needs 'Authorization: Bearer'."
     )

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.losses import (
+    HeadInput,
     HiddenProjection,
     LossWeights,
     align_vocab,
@@ -258,3 +259,92 @@ def test_fp32_inputs_are_supported_and_upcast():
     a = kd_divergence(s.float(), t.float(), mask)
     assert a.dtype == torch.float32
     assert torch.allclose(a.double(), ref_divergence(s, t, mask, 2.0, "forward_kl"), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------
+# Fused LM head: logits computed chunk by chunk inside the loss
+# ---------------------------------------------------------------------------------
+def _head_case(B=2, L=5, Hs=4, Ht=6, Vs=9, Vt=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(B, L, Hs, generator=g, requires_grad=True)
+    w_s = torch.randn(Vs, Hs, generator=g, requires_grad=True)
+    h_t = torch.randn(B, L, Ht, generator=g)
+    w_t = torch.randn(Vt, Ht, generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 3:] = 0
+    return h_s, w_s, h_t, w_t, mask
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("vocabs", [(9, 11), (11, 9)])
+def test_fused_head_equals_materialized_logits(objective, chunk, vocabs):
+    """Same value and same gradients (hidden and head weight) as logits = h Wᵀ + vocab_terms,
+    with different vocab sizes (shared prefix) and a chunk size that does not divide n."""
+    h_s, w_s, h_t, w_t, mask = _head_case()
+    w = LossWeights(
+        alpha_kl=1.0, beta_ce=0.3, temperature=2.0, objective=objective, chunk_size=chunk
+    )
+    fused, parts = hybrid_loss(HeadInput(h_s, w_s), HeadInput(h_t, w_t), mask, w)
+    g_fused = torch.autograd.grad(fused, (h_s, w_s))
+    plain, parts_plain = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, mask, w)
+    g_plain = torch.autograd.grad(plain, (h_s, w_s))
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(parts["kd"], parts_plain["kd"])
+    torch.testing.assert_close(parts["ce"], parts_plain["ce"])
+    for a, b in zip(g_fused, g_plain, strict=True):
+        torch.testing.assert_close(a, b)
+    # rows of the student head beyond the teacher's vocabulary get no gradient
+    assert torch.all(g_fused[1][w_t.shape[0] :] == 0)
+    assert g_fused[1][: min(vocabs)].abs().sum() > 0
+
+
+def test_fused_head_tied_weight_accumulates_both_paths():
+    """A tied head (the embedding matrix) gets the embedding's gradient plus the loss's."""
+    h_s, w_s, h_t, w_t, mask = _head_case(Vs=11)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
+    w = LossWeights(alpha_kl=1.0, beta_ce=0.1, chunk_size=4)
+    hidden = h_s + F.embedding(ids, w_s)  # w_s also used as the input embedding
+    fused, _ = hybrid_loss(HeadInput(hidden, w_s), HeadInput(h_t, w_t), mask, w)
+    (g_fused,) = torch.autograd.grad(fused, (w_s,))
+    hidden = h_s + F.embedding(ids, w_s)
+    plain, _ = hybrid_loss(hidden @ w_s.T, h_t @ w_t.T, mask, w)
+    (g_plain,) = torch.autograd.grad(plain, (w_s,))
+    torch.testing.assert_close(g_fused, g_plain)
+
+
+def test_fused_head_frozen_weight_and_no_active_terms():
+    h_s, w_s, h_t, w_t, mask = _head_case()
+    w_s.requires_grad_(False)
+    w = LossWeights(alpha_kl=1.0, beta_ce=0.0)
+    fused, _ = hybrid_loss(HeadInput(h_s, w_s), HeadInput(h_t, w_t), mask, w)
+    (g,) = torch.autograd.grad(fused, (h_s,))
+    plain, _ = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, mask, w)
+    torch.testing.assert_close(g, torch.autograd.grad(plain, (h_s,))[0])
+    # nothing vocabulary-sized weighted: the total is exactly zero
+    none = LossWeights(alpha_kl=0.0, beta_ce=0.0, delta_cos=0.0)
+    total, _ = hybrid_loss(HeadInput(h_s, w_s), HeadInput(h_t, w_t), mask, none)
+    assert float(total.detach()) == 0.0
+
+
+def test_fused_head_one_side_plain_falls_back():
+    h_s, w_s, h_t, w_t, mask = _head_case()
+    w = LossWeights(alpha_kl=1.0, beta_ce=0.2)
+    a, _ = hybrid_loss(HeadInput(h_s, w_s), h_t @ w_t.T, mask, w)
+    b, _ = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, mask, w)
+    torch.testing.assert_close(a, b)
+
+
+def test_lm_ce_alone_is_the_no_teacher_baseline():
+    """lm_ce weights plain next-token CE on the data; no teacher output is needed."""
+    h_s, w_s, _, _, mask = _head_case(Vs=11)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
+    w = LossWeights(alpha_kl=0.0, beta_ce=0.0, lm_ce=0.5)
+    total, parts = hybrid_loss(HeadInput(h_s, w_s), None, mask, w, input_ids=ids)
+    ref = lm_cross_entropy(h_s @ w_s.T, ids, mask)
+    torch.testing.assert_close(total, 0.5 * ref)
+    assert set(parts) == {"lm", "loss"}
+    with pytest.raises(ValueError, match="input_ids"):
+        hybrid_loss(HeadInput(h_s, w_s), None, mask, w)
+    with pytest.raises(ValueError, match="teacher"):
+        hybrid_loss(HeadInput(h_s, w_s), None, mask, LossWeights(alpha_kl=1.0))

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -115,3 +116,59 @@ def test_grad_accumulation_matches_a_bigger_batch(tiny_teacher, corpus):
     train(small)
     a, b = big.student.state_dict(), small.student.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fused_lm_head_trains_like_materialized_logits(tiny_teacher, corpus):
+    """Steps with the heads inside the loss match steps with full logits: same losses,
+    same updates (Adam amplifies rounding on near-zero gradients, so updates are
+    compared on average; exact gradients are tested in test_losses)."""
+    before = setup(tiny_cfg(tiny_teacher, corpus, max_steps=1, warmup_steps=0))
+    before = before.student.state_dict()
+    runs, logs = [], []
+    for fused in (True, False):
+        cfg = tiny_cfg(
+            tiny_teacher,
+            corpus,
+            max_steps=2,
+            warmup_steps=0,
+            beta_ce=0.2,
+            loss_chunk_tokens=7,
+            logging_steps=1,
+            fused_lm_head=fused,
+        )
+        run = setup(cfg)
+        assert run.lazy_logits is fused
+        log: list[dict] = []
+        train(run, report=log.append)
+        runs.append(run)
+        logs.append(log)
+    for x, y in zip(*logs, strict=True):
+        for k in ("loss", "kd", "ce", "cos"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4), k
+    a, b = runs[0].student.state_dict(), runs[1].student.state_dict()
+    diff = sum(float((a[k] - b[k]).abs().sum()) for k in a)
+    moved = sum(float((a[k] - before[k]).abs().sum()) for k in a)
+    assert moved > 0 and diff < 0.01 * moved
+
+
+def test_no_teacher_baseline_trains_on_data_ce_without_teacher_forward(tiny_teacher, corpus):
+    cfg = tiny_cfg(
+        tiny_teacher,
+        corpus,
+        max_steps=4,
+        logging_steps=1,
+        alpha_kl=0.0,
+        beta_ce=0.0,
+        delta_cos=0.0,
+        lm_ce=1.0,
+    )
+    assert not cfg.needs_teacher
+    run = setup(cfg)
+    calls = []
+    real = run.teacher_fwd.forward
+    run.teacher_fwd.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    log: list[dict] = []
+    train(run, report=log.append)
+    assert calls == []
+    assert {"lm", "loss"} <= set(log[0]) and "kd" not in log[0]
+    assert log[-1]["lm"] < log[0]["lm"]

@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         reason = _short_reason(e)
         traceback.print_exc()
         print(f"job {job_id} failed: {reason}", file=sys.stderr, flush=True)
-        store.write_json(paths.error_key, {"reason": reason, "time": time.time()})
+        try:  # storage may be the very thing that failed: the registry still hears
+            store.write_json(paths.error_key, {"reason": reason, "time": time.time()})
+        except OSError as write_error:
+            print(f"could not write error.json: {write_error}", file=sys.stderr, flush=True)
         registry.update_sync(job_id, state="failed", error=reason, finished_at=time.time())
         return 1
     artifacts = paths.list_artifacts()

@@ -8,6 +8,7 @@ registry restarting must never stall or fail training.
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 
@@ -19,15 +20,22 @@ class RegistryClient:
         self.handle = handle
 
     @classmethod
-    def connect(cls, spec: str | None) -> RegistryClient:
+    def connect(cls, spec: str | None, wait_s: float = 20.0) -> RegistryClient:
+        """The named registry; looked up again for up to `wait_s`, since a busy GCS (or
+        a registry being restarted) can fail one lookup of an actor that exists."""
         if not spec:
             return cls(None)
         namespace, _, name = spec.rpartition("/")
-        try:
-            return cls(ray.get_actor(name, namespace=namespace or None))
-        except ValueError:
-            log.warning("job registry %s not found; progress goes to the job's files only", spec)
-            return cls(None)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return cls(ray.get_actor(name, namespace=namespace or None))
+            except ValueError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(1.0)
+        log.warning("job registry %s not found; progress goes to the job's files only", spec)
+        return cls(None)
 
     def update(self, job_id: str, **fields) -> None:
         if self.handle is None:

@@ -29,6 +29,10 @@ from train_job.registry_client import RegistryClient
 STATE_FILE = "state.pt"
 
 
+class CheckpointWriteError(RuntimeError):
+    """Storage refused a checkpoint; the message names the step, folder and OS error."""
+
+
 def _save_due(cfg: DistillConfig, step: int) -> bool:
     return bool(cfg.save_every and step % cfg.save_every == 0) or step >= cfg.max_steps
 
@@ -119,7 +123,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 torch.save(st, Path(tmp) / STATE_FILE)
                 write_json(Path(tmp) / "distill_config.json", cfg.model_dump(mode="json"))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(dict(last), checkpoint=ckpt)
+            try:  # Ray copies the checkpoint to storage inside report()
+                ray.train.report(dict(last), checkpoint=ckpt)
+            except OSError as e:  # full disk, read-only or unreachable storage
+                raise CheckpointWriteError(
+                    f"could not write the step-{r.step} checkpoint under {paths.run_dir}: {e}; "
+                    "earlier checkpoints are kept"
+                ) from None
 
     t_train = time.perf_counter()
     train(run, report=report, checkpoint=checkpoint)

@@ -1,0 +1,3 @@
+from llm2slm.cli import main
+
+raise SystemExit(main())

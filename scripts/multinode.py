@@ -1,0 +1,155 @@
+"""Multi-node on one machine: a Ray head and two worker nodes (ray.cluster_utils.Cluster).
+
+    python scripts/multinode.py --teacher TINY_MODEL_DIR --dataset DOCS.jsonl [--out R.json]
+
+The head has no CPUs, each worker node has one, so a 2-worker job must put one
+training worker on each node. Storage is one folder that every node sees (on one
+machine a local folder is shared storage). Two jobs, each `python -m train_job` as its
+own driver on the head:
+
+1. resume: placement is checked while it trains (both worker nodes' CPU in use); once
+   a checkpoint exists one worker node is removed, training stalls for lack of a CPU,
+   a node is added back and the job resumes from its last checkpoint and completes.
+2. exhausted: max_failures=0 and a worker node removed after the first checkpoint:
+   the job fails with a reason naming the lost node/worker, and the checkpoint stays.
+
+Prints (and writes to --out) one JSON object with what happened and how long it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job_cmd(cfg: dict, job_id: str, storage: Path, work: Path) -> list[str]:
+    cfg_file = work / f"{job_id}.json"
+    cfg_file.write_text(json.dumps(cfg))
+    return [sys.executable, "-m", "train_job", "--config", str(cfg_file)] + [
+        "--job-id",
+        job_id,
+        "--storage",
+        str(storage),
+    ]
+
+
+def checkpoints(storage: Path, job_id: str) -> list[Path]:
+    return sorted((storage / "ray" / job_id).glob("checkpoint_2*/state.pt"))
+
+
+def busy_nodes(worker_ids: set[str]) -> set[str]:
+    """Worker nodes whose only CPU is taken (by a training worker)."""
+    free = ray._private.state.available_resources_per_node()
+    return {n for n in worker_ids if free.get(n, {}).get("CPU", 0.0) < 1.0}
+
+
+def wait(pred, timeout: float, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + timeout
+    while not pred():
+        if proc.poll() is not None:
+            raise RuntimeError(f"job ended (rc {proc.returncode}) while waiting for {what}")
+        if time.time() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def run(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="llm2slm-multinode-"))
+    storage = work / "storage"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    env = os.environ | {
+        "RAY_ADDRESS": cluster.address,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    }
+    base = dict(
+        teacher_model=args.teacher,
+        dataset=args.dataset,
+        max_seq_len=32,
+        per_device_batch_size=2,
+        warmup_steps=1,
+        logging_steps=1,
+        max_eval_blocks=2,
+        student_layers=2,
+        export_onnx=False,
+        post_training_quant=False,
+        num_workers=2,
+    )
+    out: dict = {}
+    try:
+        # 1. placement, node lost, node back, resume, complete.
+        t0 = time.time()
+        job = "mn-resume"
+        cfg = base | {"max_steps": args.steps, "save_every": 3, "max_failures": 3}
+        proc = subprocess.Popen(job_cmd(cfg, job, storage, work), env=env, cwd=ROOT)
+        ids = {n.node_id for n in nodes}
+        wait(lambda: busy_nodes(ids) == ids, 180, proc, "a worker on each node")
+        out["placed_on_both_worker_nodes"] = True
+        wait(lambda: checkpoints(storage, job), 180, proc, "a first checkpoint")
+        cluster.remove_node(nodes[1], allow_graceful=False)
+        removed_at = time.time()
+        time.sleep(args.gap_s)  # no capacity: the controller waits for a second CPU
+        nodes[1] = cluster.add_node(num_cpus=1)
+        rc = proc.wait(timeout=600)
+        metrics_file = storage / "jobs" / job / "artifacts" / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        out["resume"] = {
+            "rc": rc,
+            "steps": metrics.get("steps"),
+            "world_size": metrics.get("world_size"),
+            "resumed_from_step": metrics.get("resumed_from_step"),
+            "node_removed_to_done_s": round(time.time() - removed_at, 1),
+            "wall_s": round(time.time() - t0, 1),
+        }
+        # 2. the same loss with no retries left: a clear failure, checkpoint kept.
+        t0 = time.time()
+        job = "mn-exhausted"
+        cfg = base | {"max_steps": args.steps, "save_every": 2, "max_failures": 0}
+        proc = subprocess.Popen(job_cmd(cfg, job, storage, work), env=env, cwd=ROOT)
+        wait(lambda: checkpoints(storage, job), 180, proc, "a first checkpoint")
+        cluster.remove_node(nodes[0], allow_graceful=False)
+        rc = proc.wait(timeout=300)
+        err = storage / "jobs" / job / "error.json"
+        out["exhausted"] = {
+            "rc": rc,
+            "reason": json.loads(err.read_text())["reason"] if err.is_file() else None,
+            "checkpoints_left": len(checkpoints(storage, job)),
+            "wall_s": round(time.time() - t0, 1),
+        }
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", required=True, help="a small local model folder")
+    ap.add_argument("--dataset", required=True, help="a local .jsonl/.txt corpus")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--gap-s", type=float, default=3.0, help="seconds with a node missing")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Job metrics for the Ray dashboard and Prometheus, exported by the registry actor.
+
+Ray prefixes application metrics with `ray_`, so these appear as:
+
+    ray_llm2slm_jobs{state="running"}              jobs per state (every state, 0s included)
+    ray_llm2slm_job_tokens_per_second{job_id=...}  training throughput, all ranks (0 when done)
+    ray_llm2slm_job_loss{job_id=...}               the last reported total loss
+    ray_llm2slm_job_step{job_id=...}               the last reported optimizer step
+
+The registry owns every state change, so it is the one place that sees them all; it
+calls `observe` after each change it persists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import get_args
+
+from ray.util.metrics import Gauge
+
+from serve_app.schemas import JobState
+
+log = logging.getLogger(__name__)
+ACTIVE = ("submitted", "running", "exporting")
+
+
+class JobMetrics:
+    def __init__(self) -> None:
+        self.jobs = Gauge("llm2slm_jobs", "llm2slm jobs per state", tag_keys=("state",))
+        per_job = ("job_id",)
+        self.tokens = Gauge(
+            "llm2slm_job_tokens_per_second", "training tokens/s (all ranks)", tag_keys=per_job
+        )
+        self.loss = Gauge("llm2slm_job_loss", "last reported total loss", tag_keys=per_job)
+        self.step = Gauge("llm2slm_job_step", "last reported optimizer step", tag_keys=per_job)
+        self._live: set[str] = set()
+
+    def observe(self, jobs: Iterable[dict]) -> None:
+        try:
+            self._observe(jobs)
+        except Exception:  # a metrics problem must never break the registry
+            log.exception("exporting job metrics failed")
+
+    def _observe(self, jobs: Iterable[dict]) -> None:
+        counts = dict.fromkeys(get_args(JobState), 0)
+        live: set[str] = set()
+        for job in jobs:
+            counts[job["state"]] = counts.get(job["state"], 0) + 1
+            job_id, m = job["job_id"], job.get("metrics") or {}
+            if job["state"] in ACTIVE:
+                live.add(job_id)
+                tags = {"job_id": job_id}
+                self.tokens.set(m.get("tokens_per_s"), tags=tags)
+                self.loss.set(m.get("loss"), tags=tags)
+                self.step.set(job.get("step"), tags=tags)
+            elif job_id in self._live:  # just finished: throughput drops to 0
+                self.tokens.set(0, tags={"job_id": job_id})
+        for state, n in counts.items():
+            self.jobs.set(n, tags={"state": state})
+        self._live = live

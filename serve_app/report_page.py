@@ -1,0 +1,168 @@
+"""`GET /jobs/{job_id}/report`: one self-contained HTML page per job.
+
+The page shows the job's progress, its training curves (the job's `curves.png`, inlined
+as base64 so the page needs nothing else), the evaluation tables of `report.json` and
+the config. It is plain HTML and CSS, no script, and greyscale apart from the chart.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from html import escape
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+from serve_app.routes import Svc, _job
+from serve_app.security import job_paths
+
+router = APIRouter()
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1060px;
+       color: #222; background: #fff; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; }
+table { border-collapse: collapse; margin: 8px 0; }
+td, th { border: 1px solid #ccc; padding: 3px 10px; text-align: left; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.bar { width: 420px; height: 14px; background: #e6e6e6; border: 1px solid #bbb; }
+.bar > div { height: 100%; background: #555; }
+.muted { color: #777; } .error { border: 1px solid #999; padding: 8px; white-space: pre-wrap; }
+img#curves { width: 1000px; max-width: 100%; border: 1px solid #ddd; }
+"""
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, dict | list):
+        return json.dumps(v)
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{escape(_fmt(c))}</td>'
+            if isinstance(c, int | float) and not isinstance(c, bool)
+            else f"<td>{escape(_fmt(c))}</td>"
+            for c in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _progress(job: dict) -> str:
+    step, total = job.get("step") or 0, job.get("total_steps") or 0
+    share = min(1.0, step / total) if total else 0.0
+    m = job.get("metrics") or {}
+    eta = job.get("eta_s")
+    rows = [
+        ["state", job["state"]],
+        ["step", f"{step} / {total or '?'}"],
+        ["loss (last report)", m.get("loss")],
+        ["tokens/s (all ranks)", m.get("tokens_per_s")],
+        ["ETA", f"{eta:.0f} s" if eta is not None and job["state"] == "running" else None],
+        ["attempt", job.get("attempt", 0)],
+        ["created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created_at"]))],
+    ]
+    bar = f'<div class="bar"><div style="width:{share * 100:.1f}%"></div></div>'
+    error = f'<p class="error">{escape(job["error"])}</p>' if job.get("error") else ""
+    return bar + _table(["", ""], rows) + error
+
+
+def _evaluation(report: dict | None, summary: dict | None) -> str:
+    if report is None:
+        if not summary:
+            return '<p class="muted">The evaluation appears when the job has finished.</p>'
+        return _table(["metric", "value"], [[k, v] for k, v in summary.items()])
+    q, sz, sp = report["quality"], report["size"], report["speed"]
+    parts = [
+        "<h3>Quality (held-out)</h3>",
+        _table(
+            ["model", "perplexity", "top-1 agreement with teacher", "KL(teacher‖model) / token"],
+            [
+                ["teacher", q["teacher_ppl"], 1.0, 0.0],
+                [
+                    "student before",
+                    q["student_ppl_before"],
+                    q["top1_agreement_before"],
+                    q["kl_before"],
+                ],
+                ["student after", q["student_ppl_after"], q["top1_agreement_after"], q["kl_after"]],
+            ],
+        ),
+        "<h3>Size</h3>",
+        _table(
+            ["model", "parameters", "on disk (MB)"],
+            [
+                ["teacher", sz["teacher_params"], sz.get("teacher_mb")],
+                ["student", sz["student_params"], sz.get("student_mb")],
+            ],
+        ),
+        "<h3>Generation speed (tokens/s)</h3>",
+        _table(
+            ["model", "batch 1", "batch 8"],
+            [[n, sp[f"{n}_gen_b1"], sp[f"{n}_gen_b8"]] for n in ("teacher", "student")],
+        ),
+    ]
+    if report.get("exports"):
+        rows = [
+            [
+                name,
+                e["ppl"],
+                e["max_abs_logit_diff"],
+                e["top1_agreement"],
+                e["forward_tokens_per_s"],
+                e["mb"],
+            ]
+            for name, e in report["exports"].items()
+        ]
+        parts += [
+            "<h3>Exports</h3>",
+            _table(["export", "perplexity", "max |Δlogit|", "top-1", "tokens/s", "MB"], rows),
+        ]
+    return "".join(parts)
+
+
+def render(job: dict, report: dict | None, curves_png: bytes | None) -> str:
+    """The whole page for one job record (as the registry holds it)."""
+    if curves_png:
+        b64 = base64.b64encode(curves_png).decode("ascii")
+        chart = f'<img id="curves" alt="training curves" src="data:image/png;base64,{b64}">'
+    else:
+        chart = '<p class="muted" id="no-curves">The curves appear when the job has finished.</p>'
+    config = job.get("config") or {}
+    job_id = escape(job["job_id"])
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>llm2slm {job_id}</title>"
+        f"<style>{CSS}</style></head><body>"
+        f"<h1>llm2slm job {job_id}</h1><p class='muted'>{escape(job['state'])}</p>"
+        f"<h2>Progress</h2>{_progress(job)}"
+        f"<h2>Training curves</h2>{chart}"
+        f"<h2>Evaluation</h2>{_evaluation(report, job.get('summary'))}"
+        f"<h2>Config</h2>{_table(['field', 'value'], [[k, v] for k, v in config.items()])}"
+        "</body></html>"
+    )
+
+
+@router.get("/jobs/{job_id}/report", response_class=HTMLResponse, tags=["jobs"])
+async def report_page(job_id: str, svc: Svc) -> HTMLResponse:
+    """The job's progress, curves, evaluation and config as one HTML page."""
+    job = await _job(svc, job_id)
+    artifacts = job_paths(svc.settings, job_id).artifacts
+    report_file, curves_file = artifacts / "report.json", artifacts / "curves.png"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    curves = curves_file.read_bytes() if curves_file.is_file() else None
+    return HTMLResponse(render(job, report, curves))

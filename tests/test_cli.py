@@ -1,0 +1,305 @@
+"""The `llm2slm` CLI end to end against a real deployment, and the HTML report page in a
+real headless browser.
+
+The app is deployed twice on the session's Ray, sharing one registry and storage: at
+/cli with an API token (what the CLI talks to) and at /cli-open without one (Chromium
+cannot send an Authorization header). One tiny job runs to completion through
+`llm2slm distill --follow`; a second one is cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llm2slm.cli import main
+
+pytestmark = pytest.mark.service
+TOKEN = "cli-test-token"
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    """`llm2slm argv...` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_cluster, tmp_path_factory, tiny_teacher, corpus):
+    from ray import serve
+
+    from serve_app.app import app_builder
+
+    root = tmp_path_factory.mktemp("cli-storage")
+    settings = {
+        "storage_root": str(root),
+        "allowed_local_roots": [str(corpus.parent), str(tiny_teacher)],
+        "poll_interval_s": 0.3,
+        "max_concurrent_jobs": 2,
+        "registry_name": "test-registry-cli",
+        "namespace": "llm2slm-test",
+        "ray_dashboard_address": ray_cluster["dashboard"],
+    }
+    serve.run(app_builder(settings | {"api_token": TOKEN}), name="cli", route_prefix="/cli")
+    serve.run(app_builder(settings), name="cli-open", route_prefix="/cli-open")
+    yield {
+        "url": ray_cluster["http"] + "/cli",
+        "open_url": ray_cluster["http"] + "/cli-open",
+        "root": root,
+    }
+    serve.delete("cli")
+    serve.delete("cli-open")
+
+
+@pytest.fixture(scope="module")
+def followed(deployed, tiny_teacher, corpus, tmp_path_factory):
+    """`llm2slm distill --config job.json --max-steps 6 --follow`, URL/token as flags."""
+    cfg = tmp_path_factory.mktemp("cli-cfg") / "job.json"
+    cfg.write_text(
+        json.dumps(
+            dict(
+                teacher_model=str(tiny_teacher),
+                dataset=str(corpus),
+                max_seq_len=32,
+                per_device_batch_size=4,
+                warmup_steps=1,
+                logging_steps=1,
+                eval_every=2,
+                save_every=0,
+                max_eval_blocks=2,
+                student_layers=2,
+                export_onnx=False,
+                post_training_quant=False,
+            )
+        )
+    )
+    t0 = time.time()
+    rc, out, err = cli(
+        "--url", deployed["url"], "--token", TOKEN, "distill", "--config", str(cfg),
+        "--max-steps", "6", "--follow",
+    )  # fmt: skip
+    print(f"\n[timing] llm2slm distill --follow: {time.time() - t0:.1f}s\n{out}{err}")
+    assert rc == 0, (out, err)
+    job_id = re.search(r"submitted (kd-[0-9a-f]+)", out).group(1)
+    return {"job_id": job_id, "out": out}
+
+
+def test_distill_follow_status_jobs_artifacts(deployed, followed, monkeypatch):
+    out, job_id = followed["out"], followed["job_id"]
+    assert re.search(rf"{job_id}\s+running\s+step [1-6]/6\s+loss \S+\s+\S+ tok/s", out), out
+    assert re.search(rf"{job_id}\s+succeeded\s+step 6/6", out), out
+    assert "held-out perplexity: teacher" in out
+    # URL and token from the environment from here on
+    monkeypatch.setenv("LLM2SLM_URL", deployed["url"])
+    monkeypatch.setenv("LLM2SLM_TOKEN", TOKEN)
+    rc, out, _ = cli("status", job_id)
+    assert rc == 0 and re.search(rf"{job_id}\s+succeeded\s+step 6/6", out), out
+    rc, out, _ = cli("status", job_id, "--json")
+    assert rc == 0 and json.loads(out)["summary"]["student_ppl_after"] > 0
+    rc, out, _ = cli("jobs")
+    assert rc == 0 and job_id in out and "succeeded" in out
+    rc, out, _ = cli("artifacts", job_id)
+    assert rc == 0
+    for path in ("curves.png", "metrics.json", "student/model.safetensors"):
+        assert re.search(rf"\d+\s+{re.escape(path)}\n", out), (path, out)
+    assert re.search(r"tensorboard/events\.out\.tfevents\.\S+", out), out
+
+
+def test_download_resumes_with_range(deployed, followed, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM2SLM_URL", deployed["url"])
+    monkeypatch.setenv("LLM2SLM_TOKEN", TOKEN)
+    job_id = followed["job_id"]
+    art = deployed["root"] / "jobs" / job_id / "artifacts"
+    weights = (art / "student" / "model.safetensors").read_bytes()
+    # An interrupted download left 1000 bytes. They are zeros here, not the real bytes,
+    # so the result proves the client appended the rest (Range) instead of starting over.
+    part = tmp_path / "one" / "student" / "model.safetensors.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * 1000)
+    rc, out, err = cli("download", job_id, "student/model.safetensors", "-o", str(tmp_path / "one"))
+    assert rc == 0, err
+    got = (tmp_path / "one" / "student" / "model.safetensors").read_bytes()
+    assert got == b"\0" * 1000 + weights[1000:] and not part.exists()
+    assert "resumed at byte 1,000" in out
+    # everything
+    rc, out, err = cli("download", job_id, "-o", str(tmp_path / "all"))
+    assert rc == 0, err
+    listed = [p for p in art.rglob("*") if p.is_file()]
+    assert listed and f"{len(listed)} file(s)" in out
+    for p in listed:
+        assert (tmp_path / "all" / p.relative_to(art)).read_bytes() == p.read_bytes()
+
+
+def test_errors_are_explained(deployed, followed, monkeypatch):
+    monkeypatch.delenv("LLM2SLM_TOKEN", raising=False)
+    monkeypatch.setenv("LLM2SLM_URL", deployed["url"])
+    rc, _, err = cli("jobs")
+    assert rc == 1 and "401" in err and "LLM2SLM_TOKEN" in err
+    rc, _, err = cli("--token", "wrong", "jobs")
+    assert rc == 1 and "token was rejected" in err
+    rc, _, err = cli("--token", TOKEN, "status", "no-such-job")
+    assert rc == 1 and "404" in err and "no-such-job" in err
+    rc, _, err = cli("--token", TOKEN, "distill", "temperature=-1", "colour=red")
+    assert rc == 2 and "422" in err
+    assert re.search(r"^  temperature: ", err, re.M) and re.search(r"^  colour: ", err, re.M), err
+    with socket_free_port() as port:
+        rc, _, err = cli("--url", f"http://127.0.0.1:{port}", "jobs")
+    assert rc == 1 and "cannot reach the llm2slm service" in err and "llm2slm serve" in err
+
+
+@contextlib.contextmanager
+def socket_free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port  # closed: nothing listens there
+
+
+@pytest.fixture(scope="module")
+def cancelled(deployed, tiny_teacher, corpus):
+    """A long job submitted with flags (no --follow), cancelled after its first step."""
+    from llm2slm.client import Llm2SlmClient
+
+    auth = ("--url", deployed["url"], "--token", TOKEN)
+    rc, out, err = cli(
+        *auth, "distill", "--teacher", str(tiny_teacher), "--dataset", str(corpus),
+        "--max-steps", "100000", "max_seq_len=32", "student_layers=2", "save_every=0",
+        "export_onnx=false", "post_training_quant=false",
+    )  # fmt: skip
+    assert rc == 0, err
+    job_id = re.search(r"submitted (kd-[0-9a-f]+)", out).group(1)
+    with Llm2SlmClient(deployed["url"], TOKEN) as c:
+        for st in c.follow(job_id, every=0.3, timeout=180):
+            if (st.step or 0) >= 1:
+                break
+    first = cli(*auth, "cancel", job_id)
+    again = cli(*auth, "cancel", job_id)
+    return {"job_id": job_id, "first": first, "again": again}
+
+
+def test_cancel(cancelled):
+    job_id = cancelled["job_id"]
+    rc, out, _ = cancelled["first"]
+    assert rc == 0 and f"{job_id} cancelled" in out
+    rc, _, err = cancelled["again"]
+    assert rc == 1 and "409" in err and "already cancelled" in err
+
+
+def _prometheus(url: str) -> str:
+    try:
+        return httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return ""
+
+
+def test_registry_exports_job_metrics(ray_cluster, deployed, followed):
+    """The gauges reach Ray's Prometheus endpoint (what the dashboard's charts read)."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    job_id, text = followed["job_id"], ""
+    deadline = time.time() + 60  # Ray exports every few seconds
+    while time.time() < deadline:
+        text = _prometheus(url)
+        if f'job_id="{job_id}"' in text and "ray_llm2slm_jobs" in text:
+            break
+        time.sleep(2)
+    ours = "\n".join(ln for ln in text.splitlines() if "llm2slm" in ln)
+    assert re.search(rf'ray_llm2slm_job_loss\{{[^}}]*job_id="{job_id}"', text), ours or text[-500:]
+    assert re.search(rf'ray_llm2slm_job_tokens_per_second\{{[^}}]*job_id="{job_id}"', text)
+    assert re.search(r'ray_llm2slm_jobs\{[^}]*state="succeeded"[^}]*\} [1-9]', text)
+
+
+# ---- the report page in a browser ----------------------------------------------------
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(url: str, out: Path, tmp: Path) -> Path:
+    cmd = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--hide-scrollbars", f"--user-data-dir={tmp}",
+        f"--screenshot={out}", "--window-size=1100,1400", url,
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    return out
+
+
+def coloured_pixels(png: Path) -> tuple[int, tuple[int, int, int, int] | None]:
+    """(count, bounding box) of saturated pixels. The page is greyscale apart from the
+    chart, so these are the chart's lines and markers."""
+    from PIL import Image
+
+    img = Image.open(png).convert("RGB")
+    w = img.width
+    boxes = [
+        (i % w, i // w)
+        for i, (r, g, b) in enumerate(img.getdata())
+        if max(r, g, b) - min(r, g, b) > 60
+    ]
+    if not boxes:
+        return 0, None
+    xs, ys = [x for x, _ in boxes], [y for _, y in boxes]
+    return len(boxes), (min(xs), min(ys), max(xs), max(ys))
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium not installed (.ci/run installs it)")
+def test_report_page_renders_the_chart_in_chromium(deployed, followed, cancelled, tmp_path):
+    job_id = followed["job_id"]
+    url = f"{deployed['open_url']}/jobs/{job_id}/report"
+    page = httpx.get(url, timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert '<img id="curves"' in html and "student after" in html and "max_seq_len" in html
+    secured = httpx.get(f"{deployed['url']}/jobs/{job_id}/report", timeout=30)
+    assert secured.status_code == 401  # the page is behind the same token as the API
+
+    shot = screenshot(url, tmp_path / "report.png", tmp_path / "profile")
+    n, box = coloured_pixels(shot)
+    print(f"\n[report] {n} coloured pixels, bounding box {box}")
+    shutil.copy(shot, deployed["root"] / "report-screenshot.png")
+    assert n > 2000, n  # loss-part lines and the perplexity curve
+    left, top, right, bottom = box
+    assert right - left > 500 and bottom - top > 150  # spread over both panels
+
+    # The cancelled job's page has no chart (no curves.png): no coloured pixels at all.
+    no_chart = f"{deployed['open_url']}/jobs/{cancelled['job_id']}/report"
+    assert 'id="no-curves"' in httpx.get(no_chart, timeout=30).text
+    shot2 = screenshot(no_chart, tmp_path / "no-chart.png", tmp_path / "profile2")
+    assert coloured_pixels(shot2)[0] < 50
+
+
+def test_curves_tensorboard_events(deployed, followed):
+    """The job's event file holds every loss part and eval/ppl at the logged steps."""
+    from tensorboardX.proto import event_pb2
+
+    tb = deployed["root"] / "jobs" / followed["job_id"] / "artifacts" / "tensorboard"
+    (events,) = list(tb.glob("events.out.tfevents.*"))
+    tags: dict[str, list[int]] = {}
+    data = events.read_bytes()
+    i = 0
+    while i < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+        for v in ev.summary.value:
+            tags.setdefault(v.tag, []).append(ev.step)
+        i += 12 + n + 4
+    assert tags["train/loss"] == [1, 2, 3, 4, 5, 6]
+    assert {"train/kd", "train/ce", "train/lr", "train/tokens_per_s"} <= set(tags)
+    assert tags["eval/ppl"] == [2, 4, 6]
