@@ -167,7 +167,7 @@ def run_local(config: dict, args, console: Console) -> int:
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
-    argv = ["--config", f.name, "--storage", os.path.abspath(args.storage)]
+    argv = ["--config", f.name, "--storage", args.storage]  # a folder or s3:// URI
     argv += ["--job-id", args.job_id] if args.job_id else []
     try:
         return train_main(argv)

@@ -11,12 +11,15 @@ import time
 
 from rich.console import Console
 
+from train_job.storage import is_uri
+
 
 def settings_from_args(args: argparse.Namespace, dashboard: str) -> dict:
     """Serve app settings: LLM2SLM_* env vars, then these flags (flags win)."""
     settings: dict = {"ray_dashboard_address": dashboard}
     if args.storage or not os.environ.get("LLM2SLM_STORAGE_ROOT"):
-        settings["storage_root"] = os.path.abspath(args.storage or "llm2slm-storage")
+        root = args.storage or "llm2slm-storage"
+        settings["storage_root"] = root if is_uri(root) else os.path.abspath(root)
     if args.token:
         settings["api_token"] = args.token
     if args.allow_local_root:

@@ -7,6 +7,7 @@ the config. It is plain HTML and CSS, no script, and greyscale apart from the ch
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -161,8 +162,13 @@ def render(job: dict, report: dict | None, curves_png: bytes | None) -> str:
 async def report_page(job_id: str, svc: Svc) -> HTMLResponse:
     """The job's progress, curves, evaluation and config as one HTML page."""
     job = await _job(svc, job_id)
-    artifacts = job_paths(svc.settings, job_id).artifacts
-    report_file, curves_file = artifacts / "report.json", artifacts / "curves.png"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else None
-    curves = curves_file.read_bytes() if curves_file.is_file() else None
-    return HTMLResponse(render(job, report, curves))
+    paths = job_paths(svc.settings, job_id)
+
+    def read(name: str) -> bytes | None:  # from a shared folder or S3
+        key = paths.artifact_key(name)
+        return paths.storage.read_bytes(key) if paths.storage.is_file(key) else None
+
+    report, curves = await asyncio.gather(
+        asyncio.to_thread(read, "report.json"), asyncio.to_thread(read, "curves.png")
+    )
+    return HTMLResponse(render(job, json.loads(report) if report else None, curves))

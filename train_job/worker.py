@@ -23,7 +23,7 @@ from kd import pipeline
 from kd.config import DistillConfig
 from kd.export import write_json
 from kd.train import Run, load_state_dict, setup, state_dict, train
-from train_job.paths import JobPaths
+from train_job.paths import RAY_KEY, JobPaths
 from train_job.registry_client import RegistryClient
 
 STATE_FILE = "state.pt"
@@ -114,6 +114,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not _save_due(cfg, run.step):
             ray.train.report(m)
 
+    run_uri = paths.storage.uri(f"{RAY_KEY}/{paths.job_id}")
+
     def checkpoint(r: Run) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -127,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(dict(last), checkpoint=ckpt)
             except OSError as e:  # full disk, read-only or unreachable storage
                 raise CheckpointWriteError(
-                    f"could not write the step-{r.step} checkpoint under {paths.run_dir}: {e}; "
+                    f"could not write the step-{r.step} checkpoint under {run_uri}: {e}; "
                     "earlier checkpoints are kept"
                 ) from None
 
