@@ -202,21 +202,13 @@ def test_s3_downloads_honour_ranges_and_stay_inside_the_artifacts(s3_env):
 
 
 def _run_to_the_end(c: httpx.Client, body: dict, timeout: float = 300) -> dict:
-    """Submit and wait for a final state; resubmit (same id) while a just-started
-    cluster's job agent is not up yet (no fault of the storage; it never comes up when
-    another Ray on the machine holds the agent port 52365)."""
-    job_id = None
+    r = c.post("/distill", json=body)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
     deadline = time.time() + timeout
-    for _ in range(3):
-        r = c.post("/distill", json=body, params={"job_id": job_id} if job_id else None)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["job_id"]
-        while (st := c.get(f"/status/{job_id}").json())["state"] not in TERMINAL:
-            assert time.time() < deadline, st
-            time.sleep(0.5)
-        if "No available agent" not in (st.get("error") or ""):
-            return st
-        time.sleep(2)
+    while (st := c.get(f"/status/{job_id}").json())["state"] not in TERMINAL:
+        assert time.time() < deadline, st
+        time.sleep(0.5)
     return st
 
 
