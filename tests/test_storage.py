@@ -285,6 +285,9 @@ def test_job_through_the_api_on_s3(ray_cluster, s3_env, tiny_teacher, corpus):
             )
             assert r.status_code == 206 and r.content == weights[10:110]
             assert c.get(f"/download/{job_id}/config.json").status_code == 404  # not an artifact
+            page = c.get(f"/jobs/{job_id}/report")  # report.json and curves.png from S3
+            assert page.status_code == 200 and 'id="curves"' in page.text
+            assert "Quality (held-out)" in page.text
     finally:
         serve.delete("s3")
         with contextlib.suppress(ValueError):  # never created when serve.run failed
