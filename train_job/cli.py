@@ -7,7 +7,7 @@ Runs unchanged under `ray job submit --working-dir . -- python -m train_job ...`
 the same --job-id resumes from the last checkpoint under <storage>/ray/<job-id>.
 --storage and --config may be s3:// URIs (see train_job.storage for the S3 settings).
 Exit code 0 on success, 1 when the job failed (the reason is printed and recorded),
-2 for an invalid config.
+2 for an invalid config, job id or storage root (unreachable S3 endpoint, no bucket).
 """
 
 from __future__ import annotations
