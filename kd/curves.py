@@ -62,6 +62,11 @@ def plot_curves(history: list[dict], path: Path, reference: dict | None = None) 
     if history:
         ax_loss.legend(loc="upper right", fontsize=8)
     xs, ys = series(history, "eval_ppl")
+    before, after = reference.get("student_ppl_before"), reference.get("student_ppl_after")
+    if before is not None and history:  # the full evaluations bracket the curve
+        xs, ys = [0.0, *xs], [float(before), *ys]
+        if after is not None:
+            xs, ys = [*xs, float(history[-1]["step"])], [*ys, float(after)]
     if xs:
         ax_ppl.plot(xs, ys, marker="o", color="tab:purple", label="student (held-out)")
     for key, style in (("teacher_ppl", "tab:green"), ("student_ppl_before", "tab:gray")):
@@ -78,6 +83,8 @@ def plot_curves(history: list[dict], path: Path, reference: dict | None = None) 
             color="0.4",
         )
     ax_ppl.set(title="held-out perplexity", xlabel="step", ylabel="perplexity")
+    if ys or reference.get("teacher_ppl"):
+        ax_ppl.set_yscale("log")  # from hundreds (untrained) to the teacher's ~10
     if ax_ppl.get_legend_handles_labels()[0]:
         ax_ppl.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
