@@ -8,12 +8,16 @@ Ray prefixes application metrics with `ray_`, so these appear as:
     ray_llm2slm_job_step{job_id=...}               the last reported optimizer step
 
 The registry owns every state change, so it is the one place that sees them all; it
-calls `observe` after each change it persists.
+calls `observe` after each change it persists and on every scheduling tick: Ray
+exports a gauge only while it keeps being set, so values are re-recorded for as long
+as they should be visible. Per-job series cover active jobs and jobs that finished in
+the last `RECENT_S` seconds, so their number stays bounded however many jobs ran.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import get_args
 
@@ -23,6 +27,7 @@ from serve_app.schemas import JobState
 
 log = logging.getLogger(__name__)
 ACTIVE = ("submitted", "running", "exporting")
+RECENT_S = 600.0
 
 
 class JobMetrics:
@@ -34,7 +39,6 @@ class JobMetrics:
         )
         self.loss = Gauge("llm2slm_job_loss", "last reported total loss", tag_keys=per_job)
         self.step = Gauge("llm2slm_job_step", "last reported optimizer step", tag_keys=per_job)
-        self._live: set[str] = set()
 
     def observe(self, jobs: Iterable[dict]) -> None:
         try:
@@ -44,18 +48,18 @@ class JobMetrics:
 
     def _observe(self, jobs: Iterable[dict]) -> None:
         counts = dict.fromkeys(get_args(JobState), 0)
-        live: set[str] = set()
+        now = time.time()
         for job in jobs:
             counts[job["state"]] = counts.get(job["state"], 0) + 1
             job_id, m = job["job_id"], job.get("metrics") or {}
-            if job["state"] in ACTIVE:
-                live.add(job_id)
-                tags = {"job_id": job_id}
-                self.tokens.set(m.get("tokens_per_s"), tags=tags)
-                self.loss.set(m.get("loss"), tags=tags)
-                self.step.set(job.get("step"), tags=tags)
-            elif job_id in self._live:  # just finished: throughput drops to 0
-                self.tokens.set(0, tags={"job_id": job_id})
+            active = job["state"] in ACTIVE
+            finished = job.get("finished_at") or job.get("updated_at") or 0
+            if not active and now - float(finished) > RECENT_S:
+                continue
+            tags = {"job_id": job_id}
+            # a finished job keeps its last loss and step; its throughput is 0
+            self.tokens.set(m.get("tokens_per_s") if active else 0, tags=tags)
+            self.loss.set(m.get("loss"), tags=tags)
+            self.step.set(job.get("step"), tags=tags)
         for state, n in counts.items():
             self.jobs.set(n, tags={"state": state})
-        self._live = live

@@ -79,6 +79,7 @@ class JobRegistry:
                 await self.tick()
             except Exception:  # keep scheduling whatever one pass hit
                 log.exception("registry tick failed")
+            self.metrics.observe(self.jobs.values())  # gauges fade unless re-set
             await asyncio.sleep(self.settings.poll_interval_s)
 
     # ---- API --------------------------------------------------------------------

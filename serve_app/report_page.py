@@ -17,10 +17,11 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from serve_app.routes import Svc, _job
+from serve_app.routes import Svc, job_or_404
+from serve_app.schemas import json_problems
 from serve_app.security import job_paths
 
-router = APIRouter()
+router = APIRouter(responses=json_problems(401))
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1060px;
@@ -158,10 +159,15 @@ def render(job: dict, report: dict | None, curves_png: bytes | None) -> str:
     )
 
 
-@router.get("/jobs/{job_id}/report", response_class=HTMLResponse, tags=["jobs"])
+@router.get(
+    "/jobs/{job_id}/report",
+    response_class=HTMLResponse,
+    tags=["jobs"],
+    responses=json_problems(404),
+)
 async def report_page(job_id: str, svc: Svc) -> HTMLResponse:
     """The job's progress, curves, evaluation and config as one HTML page."""
-    job = await _job(svc, job_id)
+    job = await job_or_404(svc, job_id)
     paths = job_paths(svc.settings, job_id)
 
     def read(name: str) -> bytes | None:  # from a shared folder or S3

@@ -78,7 +78,7 @@ async def distill(
     return SubmitResponse(job_id=job_id, state=job["state"], status_url=f"/status/{job_id}")
 
 
-async def _job(svc: Service, job_id: str) -> dict:
+async def job_or_404(svc: Service, job_id: str) -> dict:
     job_paths(svc.settings, job_id)  # validates the id
     job = await svc.registry.get.remote(job_id)
     if job is None:
@@ -88,7 +88,7 @@ async def _job(svc: Service, job_id: str) -> dict:
 
 @router.get("/status/{job_id}", response_model=JobPublic, tags=["jobs"], responses=problems(404))
 async def status(job_id: str, svc: Svc) -> JobPublic:
-    return JobPublic(**(await _job(svc, job_id)))
+    return JobPublic(**(await job_or_404(svc, job_id)))
 
 
 @router.get("/jobs", response_model=JobPage, tags=["jobs"])
@@ -107,7 +107,7 @@ async def list_jobs(
 )
 async def cancel(job_id: str, svc: Svc) -> JobPublic:
     """Stop the Ray Job (or drop it from the queue); the state becomes `cancelled`."""
-    job = await _job(svc, job_id)
+    job = await job_or_404(svc, job_id)
     if job["state"] in TERMINAL:
         raise HTTPException(409, detail=f"job '{job_id}' already {job['state']}")
     return JobPublic(**(await svc.registry.cancel.remote(job_id)))
@@ -120,7 +120,7 @@ async def cancel(job_id: str, svc: Svc) -> JobPublic:
     responses=problems(404),
 )
 async def artifacts(job_id: str, svc: Svc) -> ArtifactList:
-    await _job(svc, job_id)
+    await job_or_404(svc, job_id)
     paths = job_paths(svc.settings, job_id)
     return ArtifactList(job_id=job_id, artifacts=await asyncio.to_thread(paths.list_artifacts))
 
@@ -133,6 +133,6 @@ async def artifacts(job_id: str, svc: Svc) -> ArtifactList:
 )
 async def download(job_id: str, path: str, request: Request, svc: Svc) -> Response:
     """Stream one artifact, with Content-Length; HTTP Range requests are honoured."""
-    await _job(svc, job_id)
+    await job_or_404(svc, job_id)
     paths = job_paths(svc.settings, job_id)
     return await artifact_response(paths, path, request.headers.get("range"))

@@ -72,3 +72,13 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "request body too large",
     }
     return {c: {"model": Problem, "description": words[c]} for c in codes}
+
+
+def json_problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`problems` for a route whose success is not JSON (the HTML report page): FastAPI
+    would document a `model` under the route's own media type, but errors stay JSON."""
+    ref = {"$ref": "#/components/schemas/Problem"}
+    return {
+        c: {"description": v["description"], "content": {"application/json": {"schema": ref}}}
+        for c, v in problems(*codes).items()
+    }
