@@ -127,7 +127,7 @@ class DistillConfig(BaseModel):
         "distillation; used alone it is the no-teacher baseline).",
     )
     loss_chunk_tokens: int = Field(
-        512, ge=1, le=1_000_000, description="Tokens per chunk of the vocabulary-sized terms."
+        256, ge=1, le=1_000_000, description="Tokens per chunk of the vocabulary-sized terms."
     )
     fused_lm_head: bool = Field(
         True,

@@ -97,23 +97,34 @@ def _chunk_terms(
     w_kd: float,
     w_ce: float,
     want_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    labels: Tensor | None = None,
+    w_lm: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The vocabulary terms of one chunk of fp32 logits s, t: [c, V] (both consumed).
 
-    Returns (Σ D, Σ CE, dL/ds) where dL/ds is already weighted and divided by the
-    number of rows n of the whole batch (inv_n = 1/n). CE comes first so that the raw
-    logits can be freed before the temperature-scaled log-probabilities exist.
+    labels: [c] the data's next tokens, for the CE on the data weighted by w_lm.
+    Returns (Σ D, Σ CE(argmax t), Σ CE(labels), dL/ds) where dL/ds is already weighted
+    and divided by the number of rows n of the whole batch (inv_n = 1/n). The CE terms
+    come first so that the raw logits can be freed before the temperature-scaled
+    log-probabilities exist.
     """
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
-    kd_sum, ce_sum, g = zero, zero, None
-    if w_ce != 0.0:
-        target = t.argmax(dim=-1)
+    kd_sum, ce_sum, lm_sum, g = zero, zero, zero, None
+    if w_ce != 0.0 or w_lm != 0.0:
+        rows = torch.arange(s.shape[0], device=s.device)
         s_logp1 = F.log_softmax(s, dim=-1)
-        ce_sum = -s_logp1.gather(1, target[:, None]).sum()
-        if want_grad:  # softmax(s) − onehot(target)
-            g = s_logp1.exp_()
-            g[torch.arange(s.shape[0], device=g.device), target] -= 1.0
-            g.mul_(w_ce * inv_n)
+        target = t.argmax(dim=-1) if w_ce != 0.0 else None
+        if target is not None:
+            ce_sum = -s_logp1[rows, target].sum()
+        if w_lm != 0.0:
+            lm_sum = -s_logp1[rows, labels].sum()
+        if want_grad:  # Σ_k w_k (softmax(s) − onehot(y_k))
+            g = s_logp1.exp_().mul_(w_ce + w_lm)
+            if target is not None:
+                g[rows, target] -= w_ce
+            if w_lm != 0.0:
+                g[rows, labels] -= w_lm
+            g.mul_(inv_n)
         del s_logp1
     if w_kd != 0.0:
         inv_t = 1.0 / temperature
@@ -127,7 +138,7 @@ def _chunk_terms(
             # d(T² D)/dz = T² · dD/ds · (1/T) = T · dD/ds
             dd.mul_(w_kd * temperature * inv_n)
             g = dd if g is None else g.add_(dd)
-    return kd_sum, ce_sum, g
+    return kd_sum, ce_sum, lm_sum, g
 
 
 class _VocabTerms(torch.autograd.Function):
@@ -152,7 +163,7 @@ class _VocabTerms(torch.autograd.Function):
             idx = rows[start : start + chunk]
             # Fresh copies passed without a name here, so the helper can consume and free
             # them (CPython hands argument references over to the callee's frame).
-            d, c, g = _chunk_terms(
+            d, c, _, g = _chunk_terms(
                 _upcast(s_logits.index_select(0, idx)),
                 _upcast(t_logits.index_select(0, idx)),
                 *args,
@@ -212,7 +223,20 @@ class _FusedVocabTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, h_s, w_s, h_t, w_t, vocab, temperature, objective, beta, w_kd, w_ce, chunk
+        ctx,
+        h_s,
+        w_s,
+        h_t,
+        w_t,
+        labels,
+        vocab,
+        temperature,
+        objective,
+        beta,
+        w_kd,
+        w_ce,
+        w_lm,
+        chunk,
     ):
         n = max(int(h_s.shape[0]), 1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -225,20 +249,24 @@ class _FusedVocabTerms(torch.autograd.Function):
         acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
         kd_sum = torch.zeros((), dtype=acc, device=h_s.device)
         ce_sum = torch.zeros((), dtype=acc, device=h_s.device)
+        lm_sum = torch.zeros((), dtype=acc, device=h_s.device)
         # Under GPU autocast the hidden states arrive in bf16/fp16: the head matmuls run
         # in that dtype (tensor cores) and only their [c, V] products are upcast.
         low = h_s.is_cuda and h_s.dtype in (torch.bfloat16, torch.float16)
         mm = h_s.dtype if low else ws.dtype
         ws_mm, wt_mm = ws.to(mm), wt.to(mm)
-        active = w_kd != 0.0 or w_ce != 0.0
+        active = w_kd != 0.0 or w_ce != 0.0 or w_lm != 0.0
         args = (1.0 / n, temperature, objective, beta, w_kd, w_ce, want_grad)
         for start in range(0, h_s.shape[0] if active else 0, chunk):
             hs = h_s[start : start + chunk].to(mm)
-            d, c, g = _chunk_terms(  # s = h_S W_Sᵀ, t = h_T W_Tᵀ: [c, V], consumed
+            d, c, lm, g = _chunk_terms(  # s = h_S W_Sᵀ, t = h_T W_Tᵀ: [c, V], consumed
                 _upcast(hs @ ws_mm.T),
                 _upcast(h_t[start : start + chunk].to(mm) @ wt_mm.T),
                 *args,
+                labels=None if labels is None else labels[start : start + chunk],
+                w_lm=w_lm,
             )
+            lm_sum += lm
             kd_sum += d
             ce_sum += c
             if g is not None:
@@ -252,20 +280,21 @@ class _FusedVocabTerms(torch.autograd.Function):
             del g
         kd = kd_sum * (temperature**2) / n
         ce = ce_sum / n
-        total = w_kd * kd + w_ce * ce
+        lm = lm_sum / n
+        total = w_kd * kd + w_ce * ce + w_lm * lm
         empty = torch.empty(0)
         ctx.save_for_backward(grad_h if need_h else empty, grad_w if need_w else empty)
         ctx.dtypes = (h_s.dtype, w_s.dtype)
-        ctx.mark_non_differentiable(kd, ce)
-        return total, kd, ce
+        ctx.mark_non_differentiable(kd, ce, lm)
+        return total, kd, ce, lm
 
     @staticmethod
-    def backward(ctx, g_total, _g_kd, _g_ce):  # type: ignore[override]
+    def backward(ctx, g_total, _g_kd, _g_ce, _g_lm):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         # In place, as in `_VocabTerms`: each buffer is used once.
         gh = grad_h.mul_(g_total.to(grad_h.dtype)).to(ctx.dtypes[0]) if grad_h.numel() else None
         gw = grad_w.mul_(g_total.to(grad_w.dtype)).to(ctx.dtypes[1]) if grad_w.numel() else None
-        return gh, gw, None, None, None, None, None, None, None, None, None
+        return (gh, gw) + (None,) * 12
 
 
 def fused_vocab_terms(
@@ -279,15 +308,20 @@ def fused_vocab_terms(
     w_kd: float = 1.0,
     w_ce: float = 0.0,
     chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    labels: Tensor | None = None,
+    w_lm: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`vocab_terms` computed from hidden states and LM heads, chunk by chunk.
 
     Args:
         student: HeadInput with hidden [B, L, H_S] and weight [V_S, H_S].
         teacher: HeadInput with hidden [B, L, H_T] and weight [V_T, H_T]; no gradient.
         mask: [B, L], true where the position has a real target.
+        labels: [B, L] the data's next token at each position, for w_lm·CE(labels)
+            (the same cross-entropy as `lm_cross_entropy`, fused in the same pass).
     Returns:
-        (w_kd·T²·D + w_ce·CE, T²·D, CE), equal to `vocab_terms` on the materialized
+        (w_kd·T²·D + w_ce·CE + w_lm·LM, T²·D, CE, LM), equal to `vocab_terms` (and
+        `lm_cross_entropy`) on the materialized
         logits (the shared vocabulary prefix when V_S != V_T). Differentiable with
         respect to the student's hidden state and head weight.
     """
@@ -299,17 +333,22 @@ def fused_vocab_terms(
     h_t = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
     vocab = min(student.vocab, teacher.vocab)
     chunk = int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
+    if w_lm != 0.0 and labels is None:
+        raise ValueError("w_lm > 0 needs labels (the data's next tokens)")
+    flat_labels = None if labels is None else labels.reshape(-1).index_select(0, rows)
     return _FusedVocabTerms.apply(
         h_s,
         student.weight,
         h_t,
         teacher.weight.detach(),
+        flat_labels,
         vocab,
         float(temperature),
         objective,
         float(beta),
         float(w_kd),
         float(w_ce),
+        float(w_lm),
         chunk,
     )
 
@@ -559,11 +598,23 @@ def hybrid_loss(
     )
     parts: dict[str, Tensor] = {}
     total = torch.zeros((), device=attention_mask.device)
-    if w.alpha_kl > 0 or w.beta_ce > 0:
+    fused = isinstance(student_logits, HeadInput) and isinstance(teacher_logits, HeadInput)
+    lm_fused = fused and w.lm_ce > 0
+    if w.alpha_kl > 0 or w.beta_ce > 0 or lm_fused:
         if teacher_logits is None:
             raise ValueError("alpha_kl/beta_ce > 0 need the teacher's logits")
-        if isinstance(student_logits, HeadInput) and isinstance(teacher_logits, HeadInput):
-            total, kd, ce = fused_vocab_terms(student_logits, teacher_logits, tmask, **kw)
+        if fused:
+            labels = None
+            if lm_fused:
+                if input_ids is None:
+                    raise ValueError("lm_ce > 0 needs input_ids (the data's next tokens)")
+                labels = torch.zeros_like(input_ids)
+                labels[:, :-1] = input_ids[:, 1:]  # position t predicts token t+1
+            total, kd, ce, lm = fused_vocab_terms(
+                student_logits, teacher_logits, tmask, labels=labels, w_lm=w.lm_ce, **kw
+            )
+            if lm_fused:
+                parts["lm"] = lm
         else:
             s_logits = _materialize(student_logits)
             s_logits, t_logits = align_vocab(s_logits, _materialize(teacher_logits))
@@ -572,7 +623,7 @@ def hybrid_loss(
             parts["kd"] = kd
         if w.beta_ce > 0:
             parts["ce"] = ce
-    if w.lm_ce > 0:
+    if w.lm_ce > 0 and not lm_fused:
         if input_ids is None:
             raise ValueError("lm_ce > 0 needs input_ids (the data's next tokens)")
         lm = lm_cross_entropy(_materialize(student_logits), input_ids, attention_mask)

@@ -348,3 +348,21 @@ def test_lm_ce_alone_is_the_no_teacher_baseline():
         hybrid_loss(HeadInput(h_s, w_s), None, mask, w)
     with pytest.raises(ValueError, match="teacher"):
         hybrid_loss(HeadInput(h_s, w_s), None, mask, LossWeights(alpha_kl=1.0))
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_fused_data_ce_equals_lm_cross_entropy(chunk):
+    """lm_ce inside the fused pass: same value and gradients as lm_cross_entropy on the
+    materialized logits, alongside KD and CE(argmax) in the same chunks."""
+    h_s, w_s, h_t, w_t, mask = _head_case(Vs=11, Vt=11)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
+    w = LossWeights(alpha_kl=1.0, beta_ce=0.2, lm_ce=0.7, chunk_size=chunk)
+    fused, parts = hybrid_loss(HeadInput(h_s, w_s), HeadInput(h_t, w_t), mask, w, input_ids=ids)
+    g_fused = torch.autograd.grad(fused, (h_s, w_s))
+    plain, parts_plain = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, mask, w, input_ids=ids)
+    g_plain = torch.autograd.grad(plain, (h_s, w_s))
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(parts["lm"], lm_cross_entropy(h_s @ w_s.T, ids, mask).detach())
+    torch.testing.assert_close(parts["lm"], parts_plain["lm"])
+    for a, b in zip(g_fused, g_plain, strict=True):
+        torch.testing.assert_close(a, b)
