@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+CHUNK = 256  # kd.config.DistillConfig.loss_chunk_tokens' default
 IMPLS = ("ours", "ours_unfused", "ref_packed", "ref_padded")
 
 
@@ -243,7 +244,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=CHUNK, help="loss chunk (kd's default)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--peak-gflops", type=float, default=0.0, help=argparse.SUPPRESS)

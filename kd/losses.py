@@ -2,6 +2,7 @@
 
     L = α·T²·D(p_T^τ ‖ p_S^τ) + β·CE(student, argmax teacher)
         + γ·MSE(h_S, h_T) + δ·(1 − cos(h_S, h_T)) + ε·MSE(A_S, A_T)
+        + λ·CE(student, the data's next token)                       (λ = lm_ce)
 
 Conventions shared by every term:
 
