@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -145,6 +146,7 @@ def _local(args) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="llm2slm-load-"))
     teacher = _tiny_teacher(work / "teacher")
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # busy 2 cores
     ray.init(num_cpus=4, include_dashboard=True, dashboard_port=8275, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     settings = {

@@ -120,11 +120,11 @@ class DistillConfig(BaseModel):
         0.0, ge=0.0, le=1e4, description="Weight of last-layer attention MSE (needs eager)."
     )
     lm_ce: float = Field(
-        0.0,
+        1.0,
         ge=0.0,
         le=1e4,
-        description="Weight of next-token CE on the data's own tokens (0 in pure "
-        "distillation; used alone it is the no-teacher baseline).",
+        description="Weight of next-token CE on the data's own tokens (0: pure "
+        "distillation; alone: the no-teacher baseline). 1 by default: bench/quality.py.",
     )
     loss_chunk_tokens: int = Field(
         256, ge=1, le=1_000_000, description="Tokens per chunk of the vocabulary-sized terms."

@@ -38,6 +38,9 @@ def serve_forever(args: argparse.Namespace, console: Console) -> int:
     if args.address:  # an existing cluster brings its own dashboard
         ctx = ray.init(address=args.address)
     else:
+        # A new local cluster: give Serve's proxy time to start on a small, busy machine
+        # (Serve kills one that is not ready within 5 s by default).
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         ctx = ray.init(
             address="local",  # a new cluster, never one some `ray start` left running
             include_dashboard=True,

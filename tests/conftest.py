@@ -143,6 +143,10 @@ def ray_cluster():
 
     # Train V2's report() is a barrier drained every health-check interval (2 s default).
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    # Serve kills a proxy that is not ready within 5 s; starting one takes longer than
+    # that on 2 busy cores, and serve.start then fails with "The actor never ran".
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
     dash, http = _free_port(), _free_port()
     ray.init(
         num_cpus=4,

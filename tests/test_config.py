@@ -112,6 +112,7 @@ def test_cross_field_rules_listed_together():
             "gamma_mse": 0,
             "delta_cos": 0,
             "epsilon_attn": 0,
+            "lm_ce": 0,
             "warmup_steps": 10,
             "max_steps": 10,
             "use_qat": True,

@@ -143,7 +143,7 @@ def test_fused_lm_head_trains_like_materialized_logits(tiny_teacher, corpus):
         runs.append(run)
         logs.append(log)
     for x, y in zip(*logs, strict=True):
-        for k in ("loss", "kd", "ce", "cos"):
+        for k in ("loss", "kd", "ce", "lm", "cos"):
             assert x[k] == pytest.approx(y[k], rel=1e-4), k
     a, b = runs[0].student.state_dict(), runs[1].student.state_dict()
     diff = sum(float((a[k] - b[k]).abs().sum()) for k in a)
