@@ -11,427 +11,46 @@ Conventions shared by every term:
   when tokens t and t+1 are both real), `kd_divergence` takes an explicit mask.
 * Every term is averaged over real target tokens. D is summed over the vocabulary and
   then averaged over tokens (not "batchmean" over [B, L, V], which divides by B only).
-* Everything vocabulary-sized is computed in fp32 on chunks of `chunk_size` tokens.
-  The gradient with respect to the student logits has a closed form for each
-  objective, so the forward pass writes it chunk by chunk into one buffer and the
-  backward pass only scales it: peak extra memory is O(chunk × V) plus that buffer
-  (the size of the logits, which autograd would allocate for their gradient anyway),
-  instead of several fp32 [B, L, V] softmax / log-softmax tensors.
+* Everything vocabulary-sized is computed in fp32 on token chunks with closed-form
+  gradients, from materialized logits or from hidden states + LM heads (`HeadInput`,
+  no [B, L, V] tensor at all): kd/vocab.py.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-OBJECTIVES = ("forward_kl", "reverse_kl", "jsd")
+from kd.vocab import (  # re-exported: the loss API lives in kd.losses
+    OBJECTIVES,
+    HeadInput,
+    _upcast,
+    fused_vocab_terms,
+    kd_divergence,
+    validate_objective,
+    vocab_terms,
+)
 
-
-# ---------------------------------------------------------------------------------
-# Per-chunk math: rows are tokens, columns the vocabulary. All fp32.
-# ---------------------------------------------------------------------------------
-def _divergence_rows(
-    s_logp: Tensor, t_logp: Tensor, objective: str, beta: float, want_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """D per row and dD/ds (s = student logits / T), for [n, V] log-probabilities.
-
-    Consumes `s_logp` and `t_logp` (they may be overwritten).
-
-    forward_kl: KL(p_T‖p_S) = Σ p_T (log p_T − log p_S);   dD/ds = p_S − p_T
-    reverse_kl: KL(p_S‖p_T) = Σ p_S r, r = log p_S − log p_T;  dD/ds = p_S ⊙ (r − D)
-    jsd:        β·KL(p_T‖m) + (1−β)·KL(p_S‖m), m = β p_T + (1−β) p_S;
-                dD/dp_S = (1−β) log(p_S/m) =: g,  dD/ds = p_S ⊙ (g − Σ p_S g)
-    The β = 0 and β = 1 limits of the JSD are 0 (m equals one side); GKD's convention
-    maps them to the KLs, which `forward_kl` / `reverse_kl` already provide.
-    """
-    if objective == "forward_kl":
-        # In place (both inputs are consumed): at most three [n, V] tensors alive.
-        p_t = t_logp.exp()
-        d = t_logp.sub_(s_logp).mul_(p_t).sum(dim=-1)
-        grad = s_logp.exp_().sub_(p_t) if want_grad else None
-        return d, grad
-    p_s = s_logp.exp()
-    if objective == "reverse_kl":
-        r = s_logp - t_logp
-        d = torch.sum(p_s * r, dim=-1)
-        grad = p_s * (r - d.unsqueeze(-1)) if want_grad else None
-    elif objective == "jsd":
-        p_t = t_logp.exp()
-        if beta <= 0.0 or beta >= 1.0:
-            d = torch.zeros(s_logp.shape[0], dtype=s_logp.dtype, device=s_logp.device)
-            return d, (torch.zeros_like(s_logp) if want_grad else None)
-        log_m = torch.logaddexp(t_logp + math.log(beta), s_logp + math.log(1.0 - beta))
-        kl_t = torch.sum(p_t * (t_logp - log_m), dim=-1)
-        kl_s = torch.sum(p_s * (s_logp - log_m), dim=-1)
-        d = beta * kl_t + (1.0 - beta) * kl_s
-        if want_grad:
-            g = (1.0 - beta) * (s_logp - log_m)
-            grad = p_s * (g - torch.sum(p_s * g, dim=-1, keepdim=True))
-        else:
-            grad = None
-    else:  # pragma: no cover - guarded by validate_objective
-        raise ValueError(objective)
-    return d, grad
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least fp32: bf16/fp16 logits are upcast, fp64 (tests) is kept."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def validate_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-
-
-def _chunk_terms(
-    s: Tensor,
-    t: Tensor,
-    inv_n: float,
-    temperature: float,
-    objective: str,
-    beta: float,
-    w_kd: float,
-    w_ce: float,
-    want_grad: bool,
-    labels: Tensor | None = None,
-    w_lm: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The vocabulary terms of one chunk of fp32 logits s, t: [c, V] (both consumed).
-
-    labels: [c] the data's next tokens, for the CE on the data weighted by w_lm.
-    Returns (Σ D, Σ CE(argmax t), Σ CE(labels), dL/ds) where dL/ds is already weighted
-    and divided by the number of rows n of the whole batch (inv_n = 1/n). The CE terms
-    come first so that the raw logits can be freed before the temperature-scaled
-    log-probabilities exist.
-    """
-    zero = torch.zeros((), dtype=s.dtype, device=s.device)
-    kd_sum, ce_sum, lm_sum, g = zero, zero, zero, None
-    if w_ce != 0.0 or w_lm != 0.0:
-        rows = torch.arange(s.shape[0], device=s.device)
-        s_logp1 = F.log_softmax(s, dim=-1)
-        target = t.argmax(dim=-1) if w_ce != 0.0 else None
-        if target is not None:
-            ce_sum = -s_logp1[rows, target].sum()
-        if w_lm != 0.0:
-            lm_sum = -s_logp1[rows, labels].sum()
-        if want_grad:  # Σ_k w_k (softmax(s) − onehot(y_k))
-            g = s_logp1.exp_().mul_(w_ce + w_lm)
-            if target is not None:
-                g[rows, target] -= w_ce
-            if w_lm != 0.0:
-                g[rows, labels] -= w_lm
-            g.mul_(inv_n)
-        del s_logp1
-    if w_kd != 0.0:
-        inv_t = 1.0 / temperature
-        t_logp = F.log_softmax(t.mul_(inv_t), dim=-1)
-        del t
-        s_logp = F.log_softmax(s.mul_(inv_t), dim=-1)
-        d, dd = _divergence_rows(s_logp, t_logp, objective, beta, want_grad)
-        del s_logp, t_logp
-        kd_sum = d.sum()
-        if want_grad:
-            # d(T² D)/dz = T² · dD/ds · (1/T) = T · dD/ds
-            dd.mul_(w_kd * temperature * inv_n)
-            g = dd if g is None else g.add_(dd)
-    return kd_sum, ce_sum, lm_sum, g
-
-
-class _VocabTerms(torch.autograd.Function):
-    """α·T²·mean D + β·mean CE(student, argmax teacher), gradient precomputed chunkwise.
-
-    Returns (weighted_total, kd_part, ce_part); only the first carries a gradient.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, s_logits, t_logits, rows, temperature, objective, beta, w_kd, w_ce, chunk
-    ):
-        n_rows, vocab = s_logits.shape
-        want_grad = s_logits.requires_grad
-        grad_buf = torch.zeros_like(s_logits) if want_grad else None
-        n = max(int(rows.numel()), 1)
-        acc = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
-        kd_sum = torch.zeros((), dtype=acc, device=s_logits.device)
-        ce_sum = torch.zeros((), dtype=acc, device=s_logits.device)
-        args = (1.0 / n, temperature, objective, beta, w_kd, w_ce, want_grad)
-        for start in range(0, rows.numel(), chunk):
-            idx = rows[start : start + chunk]
-            # Fresh copies passed without a name here, so the helper can consume and free
-            # them (CPython hands argument references over to the callee's frame).
-            d, c, _, g = _chunk_terms(
-                _upcast(s_logits.index_select(0, idx)),
-                _upcast(t_logits.index_select(0, idx)),
-                *args,
-            )
-            kd_sum += d
-            ce_sum += c
-            if want_grad and g is not None:
-                grad_buf.index_copy_(0, idx, g.to(grad_buf.dtype))
-        kd = kd_sum * (temperature**2) / n
-        ce = ce_sum / n
-        total = w_kd * kd + w_ce * ce
-        ctx.save_for_backward(grad_buf if want_grad else torch.empty(0))
-        ctx.mark_non_differentiable(kd, ce)
-        return total, kd, ce
-
-    @staticmethod
-    def backward(ctx, g_total, _g_kd, _g_ce):  # type: ignore[override]
-        (grad_buf,) = ctx.saved_tensors
-        # In place: the buffer is used once, and a second logits-sized tensor would raise
-        # peak memory by |B·L·V| floats. (retain_graph + a second backward would see the
-        # scaled buffer; nothing in kd does that.)
-        grad = grad_buf.mul_(g_total.to(grad_buf.dtype)) if grad_buf.numel() else None
-        return grad, None, None, None, None, None, None, None, None
-
-
-@dataclass(frozen=True)
-class HeadInput:
-    """Logits not yet computed: logits = hidden @ weight.T, row by row when needed.
-
-    hidden: [..., H] (the decoder's last normed hidden state); weight: [V, H], the LM
-    head (for tied models, the embedding matrix). Passing this instead of [B, L, V]
-    logits lets the loss compute them chunk by chunk (`fused_vocab_terms`), so no
-    [B, L, V] tensor of either model ever exists.
-    """
-
-    hidden: Tensor
-    weight: Tensor
-
-    @property
-    def vocab(self) -> int:
-        return int(self.weight.shape[0])
-
-    def materialize(self) -> Tensor:
-        """The full logits [..., V] (the unfused fallback)."""
-        return F.linear(self.hidden, self.weight.to(self.hidden.dtype))
-
-
-class _FusedVocabTerms(torch.autograd.Function):
-    """`_VocabTerms` with the two LM heads inside: logits exist one chunk at a time.
-
-    Inputs are the masked rows of both hidden states ([n, H_S], [n, H_T]) and both head
-    matrices. For each chunk, s = h_S W_Sᵀ and t = h_T W_Tᵀ (fp32); the closed-form
-    gradient g = dL/ds of that chunk is turned at once into dL/dh_S = g W_S and
-    accumulated into dL/dW_S += gᵀ h_S. Same FLOPs as the unfused head + autograd;
-    memory O(chunk × V) instead of three [n, V] tensors (both logits and their grad).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        h_s,
-        w_s,
-        h_t,
-        w_t,
-        labels,
-        vocab,
-        temperature,
-        objective,
-        beta,
-        w_kd,
-        w_ce,
-        w_lm,
-        chunk,
-    ):
-        n = max(int(h_s.shape[0]), 1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_grad = need_h or need_w
-        ws = _upcast(w_s[:vocab])
-        wt = _upcast(w_t[:vocab])
-        grad_h = torch.zeros(h_s.shape, dtype=ws.dtype, device=h_s.device) if need_h else None
-        # A frozen head (LoRA) gets no weight gradient and saves a third of the head FLOPs.
-        grad_w = torch.zeros(w_s.shape, dtype=ws.dtype, device=w_s.device) if need_w else None
-        acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
-        kd_sum = torch.zeros((), dtype=acc, device=h_s.device)
-        ce_sum = torch.zeros((), dtype=acc, device=h_s.device)
-        lm_sum = torch.zeros((), dtype=acc, device=h_s.device)
-        # Under GPU autocast the hidden states arrive in bf16/fp16: the head matmuls run
-        # in that dtype (tensor cores) and only their [c, V] products are upcast.
-        low = h_s.is_cuda and h_s.dtype in (torch.bfloat16, torch.float16)
-        mm = h_s.dtype if low else ws.dtype
-        ws_mm, wt_mm = ws.to(mm), wt.to(mm)
-        active = w_kd != 0.0 or w_ce != 0.0 or w_lm != 0.0
-        args = (1.0 / n, temperature, objective, beta, w_kd, w_ce, want_grad)
-        for start in range(0, h_s.shape[0] if active else 0, chunk):
-            hs = h_s[start : start + chunk].to(mm)
-            d, c, lm, g = _chunk_terms(  # s = h_S W_Sᵀ, t = h_T W_Tᵀ: [c, V], consumed
-                _upcast(hs @ ws_mm.T),
-                _upcast(h_t[start : start + chunk].to(mm) @ wt_mm.T),
-                *args,
-                labels=None if labels is None else labels[start : start + chunk],
-                w_lm=w_lm,
-            )
-            lm_sum += lm
-            kd_sum += d
-            ce_sum += c
-            if g is not None:
-                g = g.to(mm)
-                if need_h:
-                    grad_h[start : start + chunk] = g @ ws_mm
-                if need_w and low:
-                    grad_w[:vocab] += (g.T @ hs).to(grad_w.dtype)
-                elif need_w:
-                    grad_w[:vocab].addmm_(g.T, hs)
-            del g
-        kd = kd_sum * (temperature**2) / n
-        ce = ce_sum / n
-        lm = lm_sum / n
-        total = w_kd * kd + w_ce * ce + w_lm * lm
-        empty = torch.empty(0)
-        ctx.save_for_backward(grad_h if need_h else empty, grad_w if need_w else empty)
-        ctx.dtypes = (h_s.dtype, w_s.dtype)
-        ctx.mark_non_differentiable(kd, ce, lm)
-        return total, kd, ce, lm
-
-    @staticmethod
-    def backward(ctx, g_total, _g_kd, _g_ce, _g_lm):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        # In place, as in `_VocabTerms`: each buffer is used once.
-        gh = grad_h.mul_(g_total.to(grad_h.dtype)).to(ctx.dtypes[0]) if grad_h.numel() else None
-        gw = grad_w.mul_(g_total.to(grad_w.dtype)).to(ctx.dtypes[1]) if grad_w.numel() else None
-        return (gh, gw) + (None,) * 12
-
-
-def fused_vocab_terms(
-    student: HeadInput,
-    teacher: HeadInput,
-    mask: Tensor,
-    *,
-    temperature: float = 2.0,
-    objective: str = "forward_kl",
-    beta: float = 0.5,
-    w_kd: float = 1.0,
-    w_ce: float = 0.0,
-    chunk_size: int | None = None,
-    labels: Tensor | None = None,
-    w_lm: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`vocab_terms` computed from hidden states and LM heads, chunk by chunk.
-
-    Args:
-        student: HeadInput with hidden [B, L, H_S] and weight [V_S, H_S].
-        teacher: HeadInput with hidden [B, L, H_T] and weight [V_T, H_T]; no gradient.
-        mask: [B, L], true where the position has a real target.
-        labels: [B, L] the data's next token at each position, for w_lm·CE(labels)
-            (the same cross-entropy as `lm_cross_entropy`, fused in the same pass).
-    Returns:
-        (w_kd·T²·D + w_ce·CE + w_lm·LM, T²·D, CE, LM), equal to `vocab_terms` (and
-        `lm_cross_entropy`) on the materialized
-        logits (the shared vocabulary prefix when V_S != V_T). Differentiable with
-        respect to the student's hidden state and head weight.
-    """
-    validate_objective(objective)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = _flat_rows(mask.bool())
-    h_s = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, rows)
-    h_t = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
-    vocab = min(student.vocab, teacher.vocab)
-    chunk = int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
-    if w_lm != 0.0 and labels is None:
-        raise ValueError("w_lm > 0 needs labels (the data's next tokens)")
-    flat_labels = None if labels is None else labels.reshape(-1).index_select(0, rows)
-    return _FusedVocabTerms.apply(
-        h_s,
-        student.weight,
-        h_t,
-        teacher.weight.detach(),
-        flat_labels,
-        vocab,
-        float(temperature),
-        objective,
-        float(beta),
-        float(w_kd),
-        float(w_ce),
-        float(w_lm),
-        chunk,
-    )
-
-
-def _flat_rows(mask: Tensor) -> Tensor:
-    return mask.reshape(-1).nonzero(as_tuple=False).squeeze(1)
-
-
-def vocab_terms(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float = 2.0,
-    objective: str = "forward_kl",
-    beta: float = 0.5,
-    w_kd: float = 1.0,
-    w_ce: float = 0.0,
-    chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The vocabulary-sized terms in one chunked pass.
-
-    Args:
-        student_logits: [B, L, V] (or [N, V]), aligned with the teacher's.
-        teacher_logits: same shape; receives no gradient.
-        mask: [B, L] (or [N]) bool or 0/1, true where the position has a real target.
-    Returns:
-        (w_kd·T²·D + w_ce·CE, T²·D, CE) as scalars; D and CE averaged over masked rows.
-    """
-    validate_objective(objective)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape; align the vocabularies "
-            "first (kd.losses.align_vocab)"
-        )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    vocab = student_logits.shape[-1]
-    s = student_logits.reshape(-1, vocab)
-    t = teacher_logits.detach().reshape(-1, vocab)
-    rows = _flat_rows(mask.bool())
-    chunk = int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
-    return _VocabTerms.apply(
-        s, t, rows, float(temperature), objective, float(beta), float(w_kd), float(w_ce), chunk
-    )
-
-
-def kd_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    temperature: float = 2.0,
-    objective: str = "forward_kl",
-    beta: float = 0.5,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """T² · D(p_T^τ ‖ p_S^τ), summed over the vocabulary, averaged over masked positions.
-
-    Args:
-        student_logits: [B, L, V], already aligned with the teacher's.
-        teacher_logits: [B, L, V]; treated as a constant (no gradient).
-        mask: [B, L], bool or 0/1; positions where it is false are ignored.
-        temperature: τ > 0; both distributions are softmax(logits / τ).
-        objective: "forward_kl" KL(p_T‖p_S), "reverse_kl" KL(p_S‖p_T), or "jsd" (GKD's
-            generalized JSD with weight `beta` on the teacher).
-        chunk_size: tokens per chunk; None computes all masked tokens in one chunk.
-    Returns:
-        A scalar tensor, differentiable with respect to `student_logits`.
-    """
-    total, _, _ = vocab_terms(
-        student_logits,
-        teacher_logits,
-        mask,
-        temperature=temperature,
-        objective=objective,
-        beta=beta,
-        w_kd=1.0,
-        w_ce=0.0,
-        chunk_size=chunk_size,
-    )
-    return total
+__all__ = [
+    "OBJECTIVES",
+    "HeadInput",
+    "HiddenProjection",
+    "LossWeights",
+    "align_vocab",
+    "attention_mse",
+    "fused_vocab_terms",
+    "hidden_cosine",
+    "hidden_mse",
+    "hybrid_loss",
+    "kd_divergence",
+    "lm_cross_entropy",
+    "target_mask",
+    "validate_objective",
+    "vocab_terms",
+]
 
 
 # ---------------------------------------------------------------------------------
