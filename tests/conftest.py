@@ -115,6 +115,8 @@ def tiny_cfg(teacher, corpus, **kw):
         warmup_steps=2,
         logging_steps=2,
         lr=3e-3,
+        beta_ce=0.1,  # every loss term on, so the tests exercise all of them
+        delta_cos=0.1,
         save_every=0,
         max_eval_blocks=4,
         student_layers=2,
