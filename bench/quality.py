@@ -200,17 +200,16 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    """One markdown row per result: label, variant, what the config changed, quality."""
+    """One markdown row per result; each ratio is to the teacher on that row's split."""
     teacher = rows[0]["teacher_ppl"]
     print(f"\nteacher held-out ppl {teacher:.2f}; {rows[0]['eval_tokens']} held-out tokens\n")
-    print(
-        "| run | variant | tokens | held-out ppl | ppl / teacher | top-1 agreement | KL | train s |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    cols = "run variant tokens held-out-ppl ppl/teacher top-1-agreement KL train-s".split()
+    print("| " + " | ".join(c.replace("-", " ") for c in cols) + " |")
+    print("|" + "---|" * len(cols))
     for r in rows:
         print(
             f"| {r.get('label') or '-'} | {r['variant']} | {r['tokens']:,} | "
-            f"{r['student_ppl']:.2f} | {r['student_ppl'] / teacher:.2f}× | "
+            f"{r['student_ppl']:.2f} | {r['student_ppl'] / r['teacher_ppl']:.2f}× | "
             f"{r['top1_agreement']:.3f} | {r['kl_teacher_student']:.3f} | {r['train_s']:.0f} |"
         )
 
