@@ -301,5 +301,6 @@ def test_curves_tensorboard_events(deployed, followed):
             tags.setdefault(v.tag, []).append(ev.step)
         i += 12 + n + 4
     assert tags["train/loss"] == [1, 2, 3, 4, 5, 6]
-    assert {"train/kd", "train/ce", "train/lr", "train/tokens_per_s"} <= set(tags)
+    # the default loss: T²·KL ("kd") + CE on the data ("lm")
+    assert {"train/kd", "train/lm", "train/lr", "train/tokens_per_s"} <= set(tags)
     assert tags["eval/ppl"] == [2, 4, 6]
