@@ -321,14 +321,11 @@ def fused_vocab_terms(
         logits (the shared vocabulary prefix when V_S != V_T). Differentiable with
         respect to the student's hidden state and head weight.
     """
-    validate_objective(objective)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     rows = _flat_rows(mask.bool())
+    chunk = _checked_chunk(objective, temperature, chunk_size, rows)
     h_s = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, rows)
     h_t = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
     vocab = min(student.vocab, teacher.vocab)
-    chunk = int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
     if w_lm != 0.0 and labels is None:
         raise ValueError("w_lm > 0 needs labels (the data's next tokens)")
     flat_labels = None if labels is None else labels.reshape(-1).index_select(0, rows)
@@ -353,6 +350,14 @@ def _flat_rows(mask: Tensor) -> Tensor:
     return mask.reshape(-1).nonzero(as_tuple=False).squeeze(1)
 
 
+def _checked_chunk(objective: str, temperature: float, chunk_size: int | None, rows: Tensor) -> int:
+    """Validates the shared arguments; tokens per chunk (all masked rows when None)."""
+    validate_objective(objective)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
+
+
 def vocab_terms(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -374,20 +379,17 @@ def vocab_terms(
     Returns:
         (w_kd·T²·D + w_ce·CE, T²·D, CE) as scalars; D and CE averaged over masked rows.
     """
-    validate_objective(objective)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} must have the same shape; align the vocabularies "
             "first (kd.losses.align_vocab)"
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.detach().reshape(-1, vocab)
     rows = _flat_rows(mask.bool())
-    chunk = int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
+    chunk = _checked_chunk(objective, temperature, chunk_size, rows)
     return _VocabTerms.apply(
         s, t, rows, float(temperature), objective, float(beta), float(w_kd), float(w_ce), chunk
     )
