@@ -141,6 +141,43 @@ class DistillConfig(BaseModel):
         "[batch, seq, vocab] tensor exists; false materializes them (same values).",
     )
 
+    # ---- on-policy distillation (GKD; TRL's GKDConfig semantics) --------------------
+    lmbda: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of batches whose continuations the student generates "
+        "(on-policy, GKD's λ); the others use the data's text. 0: off-policy only.",
+    )
+    seq_kd: bool = Field(
+        False,
+        description="Off-policy batches use continuations that the teacher generates "
+        "(sequence-level KD) instead of the data's.",
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, le=32768, description="Tokens generated per continuation (stops at EOS)."
+    )
+    gen_temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="Sampling temperature of the rollouts."
+    )
+    gen_top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Nucleus (top-p) sampling of the rollouts; 1: off."
+    )
+    prompt_tokens: int = Field(
+        64,
+        ge=1,
+        le=32768,
+        description="Plain corpora: the first prompt_tokens of each packed block are the "
+        "prompt of a generated continuation.",
+    )
+    prompt_column: str | None = Field(
+        None,
+        max_length=256,
+        description="Instruction data: the column of prompts (with the tokenizer's chat "
+        "template when it has one); text_column is then the response, the off-policy "
+        "continuation. 'prompt' on the embedded dataset selects its prompt set.",
+    )
+
     # ---- adapters and export ------------------------------------------------------
     lora_r: int | None = Field(None, ge=1, le=1024, description="LoRA rank; null: full FT.")
     lora_alpha: float = Field(16.0, gt=0.0, le=1e4, description="LoRA scaling α.")
@@ -159,7 +196,16 @@ class DistillConfig(BaseModel):
     )
 
     # ---- field validators -----------------------------------------------------------
-    @field_validator("temperature", "lr", "lora_alpha", "max_grad_norm", mode="before")
+    @field_validator(
+        "temperature",
+        "lr",
+        "lora_alpha",
+        "max_grad_norm",
+        "lmbda",
+        "gen_temperature",
+        "gen_top_p",
+        mode="before",
+    )
     @classmethod
     def _finite(cls, v: object) -> object:
         if isinstance(v, float) and not math.isfinite(v):
@@ -211,9 +257,39 @@ class DistillConfig(BaseModel):
                 f"= {self.max_seq_len * self.per_device_batch_size} tokens exceeds 4,194,304; "
                 "lower one of them or raise grad_accum_steps"
             )
+        self._check_generation(problems)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _check_generation(self, problems: list[str]) -> None:
+        """Cross-field rules of on-policy / sequence-level KD (only when they are used)."""
+        if not (self.generates or self.prompt_column is not None):
+            return
+        if self.lmbda > 0 and self.alpha_kl == 0 and self.beta_ce == 0:
+            problems.append(
+                "lmbda: the student's own continuations are scored only by the teacher (the "
+                "data CE lm_ce is skipped on them); set alpha_kl > 0 or lmbda=0"
+            )
+        if self.prompt_column is None and self.prompt_tokens + self.max_new_tokens > (
+            self.max_seq_len
+        ):
+            problems.append(
+                f"prompt_tokens: prompt_tokens + max_new_tokens = "
+                f"{self.prompt_tokens + self.max_new_tokens} exceeds max_seq_len "
+                f"({self.max_seq_len}); lower prompt_tokens or max_new_tokens, or raise "
+                "max_seq_len"
+            )
+        if self.prompt_column is not None and self.max_new_tokens >= self.max_seq_len:
+            problems.append(
+                f"max_new_tokens: {self.max_new_tokens} leaves no room for the prompt in "
+                f"max_seq_len ({self.max_seq_len}); lower it or raise max_seq_len"
+            )
+        if self.prompt_column is not None and self.prompt_column == self.text_column:
+            problems.append(
+                f"prompt_column: '{self.prompt_column}' is also text_column; text_column "
+                "must name the response column"
+            )
 
     def _normalize_student(self, problems: list[str]) -> None:
         """Fold 'teacher:layers=N,select=S' into student_layers / layer_selection."""
@@ -267,6 +343,11 @@ class DistillConfig(BaseModel):
                 self.epsilon_attn,
             )
         )
+
+    @property
+    def generates(self) -> bool:
+        """True when training batches are generated (on-policy or sequence-level KD)."""
+        return self.lmbda > 0 or self.seq_kd
 
     @property
     def tokens_per_step(self) -> int:

@@ -135,14 +135,19 @@ def _materialize(logits: Tensor | HeadInput) -> Tensor:
     return logits.materialize() if isinstance(logits, HeadInput) else logits
 
 
-def target_mask(attention_mask: Tensor) -> Tensor:
+def target_mask(attention_mask: Tensor, loss_mask: Tensor | None = None) -> Tensor:
     """[B, L] real-token mask -> [B, L] mask of positions whose next token is real.
 
     Position t predicts token t+1, so the last position never has a target.
+    loss_mask: [B, L], optional, 1 on the tokens that are targets (e.g. the generated
+    continuation: prompt, padding and anything after EOS are 0); position t then counts
+    only when token t+1 is one of them.
     """
     m = attention_mask.bool()
     out = torch.zeros_like(m)
     out[:, :-1] = m[:, :-1] & m[:, 1:]
+    if loss_mask is not None:
+        out[:, :-1] &= loss_mask[:, 1:].bool()
     return out
 
 
@@ -187,6 +192,7 @@ def hybrid_loss(
     student_attn: Tensor | None = None,
     teacher_attn: Tensor | None = None,
     projection: nn.Module | None = None,
+    loss_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The full hybrid objective.
 
@@ -202,12 +208,15 @@ def hybrid_loss(
         student_attn, teacher_attn: last-layer attentions [B, H, L, L]; needed when
             epsilon_attn > 0.
         projection: maps H_S to H_T when the widths differ.
+        loss_mask: [B, L], optional: 1 on the tokens that are targets (a generated
+            continuation); the vocabulary terms and lm_ce count only those (see
+            `target_mask`). The hidden-state and attention terms keep every real token.
     Returns:
         (total, parts) where parts holds detached "kd", "ce", "mse", "cos", "attn" for
         the active terms (unweighted) and "loss" (the weighted total).
     """
     w = weights
-    tmask = target_mask(attention_mask)
+    tmask = target_mask(attention_mask, loss_mask)
     kw = dict(
         temperature=w.temperature,
         objective=w.objective,
@@ -246,7 +255,7 @@ def hybrid_loss(
     if w.lm_ce > 0 and not lm_fused:
         if input_ids is None:
             raise ValueError("lm_ce > 0 needs input_ids (the data's next tokens)")
-        lm = lm_cross_entropy(_materialize(student_logits), input_ids, attention_mask)
+        lm = lm_cross_entropy(_materialize(student_logits), input_ids, attention_mask, loss_mask)
         total = total + w.lm_ce * lm
         parts["lm"] = lm.detach()
     if w.gamma_mse > 0 or w.delta_cos > 0:
@@ -279,13 +288,15 @@ def hybrid_loss(
     return total, parts
 
 
-def lm_cross_entropy(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def lm_cross_entropy(
+    logits: Tensor, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor | None = None
+) -> Tensor:
     """Next-token CE on the data: mean over real targets of −log p(token t+1 | ≤ t).
 
-    logits [B, L, V], input_ids [B, L], attention_mask [B, L]. Used for perplexity and
-    for the no-teacher baseline.
+    logits [B, L, V], input_ids [B, L], attention_mask [B, L], loss_mask [B, L] optional
+    (see `target_mask`). Used for perplexity and for the no-teacher baseline.
     """
-    tmask = target_mask(attention_mask)[:, :-1]
+    tmask = target_mask(attention_mask, loss_mask)[:, :-1]
     lg = _upcast(logits[:, :-1])
     tgt = input_ids[:, 1:]
     nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
