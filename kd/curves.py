@@ -22,7 +22,18 @@ log = logging.getLogger(__name__)
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
 # Keys of a history row that are not loss parts.
-NOT_LOSS = {"step", "lr", "tokens_per_s", "epoch", "grad_norm", "eval_ppl"}
+# rollout_s, train_s, on_policy: step timing and the on-policy share (kd.rollout), not losses.
+NOT_LOSS = {
+    "step",
+    "lr",
+    "tokens_per_s",
+    "epoch",
+    "grad_norm",
+    "eval_ppl",
+    "rollout_s",
+    "train_s",
+    "on_policy",
+}
 # Loss parts in a stable order (the total first); any other part follows.
 PART_ORDER = ["loss", "kd", "ce", "lm", "mse", "cos", "attn"]
 

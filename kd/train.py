@@ -19,6 +19,7 @@ nothing here imports Ray.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd import evaluate, models
+from kd import evaluate, models, rollout
 from kd.config import DistillConfig
 from kd.data import BlockSampler, Packed, build_datasets
 from kd.losses import HiddenProjection, LossWeights, hybrid_loss
@@ -270,6 +271,9 @@ def train(
     """
     cfg, dev = run.cfg, run.device
     weights = LossWeights.from_config(cfg)
+    # The student's own samples are no data to imitate: lm_ce is skipped on them.
+    on_policy_weights = dataclasses.replace(weights, lm_ce=0.0)
+    source = rollout.BatchSource(run)  # data batches, or generated ones (lmbda, seq_kd)
     want_hidden, want_attn = cfg.needs_hidden, cfg.needs_attention
     fwd = run.student_fwd
     window: dict[str, float] = {}
@@ -278,9 +282,14 @@ def train(
     while run.step < cfg.max_steps:
         run.optimizer.zero_grad(set_to_none=True)
         step_parts: dict[str, float] = {}
+        t_step, rollout_s = time.perf_counter(), 0.0
         for micro in range(cfg.grad_accum_steps):
-            idx = run.sampler.next_indices()
-            batch = run.train_data.batch(idx)
+            t0 = time.perf_counter()
+            batch = source.next_batch(run.step, micro)
+            rollout_s += time.perf_counter() - t0
+            loss_mask = batch.get("loss_mask")
+            if loss_mask is not None:
+                loss_mask = loss_mask.to(dev, non_blocking=True)
             ids = batch["input_ids"].to(dev, non_blocking=True)
             mask = batch["attention_mask"].to(dev, non_blocking=True)
             # Teacher: no grad, and only the outputs the active terms need.
@@ -306,12 +315,13 @@ def train(
                     s_logits,
                     t_logits,
                     mask,
-                    weights,
+                    on_policy_weights if batch["on_policy"] else weights,
                     input_ids=ids,
                     student_hidden=s_hidden if want_hidden else None,
                     teacher_hidden=t_hidden if want_hidden else None,
                     student_attn=s_attn,
                     teacher_attn=t_attn,
+                    loss_mask=loss_mask,
                 )
                 # With lazy logits the loss computed them chunk by chunk; otherwise it
                 # keeps its own gradient buffer, not the logits: drop both [B, L, V]
@@ -321,6 +331,9 @@ def train(
             for k, v in parts.items():
                 step_parts[k] = step_parts.get(k, 0.0) + float(v) / cfg.grad_accum_steps
             tokens_window += int(mask.sum())
+            step_parts["on_policy"] = step_parts.get("on_policy", 0.0) + float(
+                batch["on_policy"]
+            ) / (cfg.grad_accum_steps)
         params = [p for p in fwd.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         if not math.isfinite(grad_norm):
@@ -331,6 +344,8 @@ def train(
         run.optimizer.step()
         run.scheduler.step()
         run.step += 1
+        step_parts["rollout_s"] = rollout_s  # generation (and batch assembly) time
+        step_parts["train_s"] = time.perf_counter() - t_step - rollout_s
         for k, v in step_parts.items():
             window[k] = window.get(k, 0.0) + v
         window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
