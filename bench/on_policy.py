@@ -135,16 +135,17 @@ def child_trl(args) -> dict:
     teacher.eval().requires_grad_(False)
     student = models.derive_student(teacher, args.kept)
     _, eval_data = build_datasets(cfg, tok)
-    rows = prompts.embedded_records("train")
+    # The very tokens our rows train on: chat-formatted prompt + response + EOS, cut to
+    # max_seq_len on the right (TRL's own collator would cut the prompt off the left).
+    ps = prompts.load_prompt_set(cfg, tok, "train")
     ds = Dataset.from_list(
         [
             {
-                "messages": [
-                    {"role": "user", "content": r["prompt"]},
-                    {"role": "assistant", "content": r["text"]},
-                ]
+                "prompt": text,
+                "input_ids": p + r,
+                "completion_mask": [0] * len(p) + [1] * len(r),
             }
-            for r in rows
+            for p, r, text in zip(ps.prompts, ps.responses, ps.texts, strict=True)
         ]
     )
     gen_s = [0.0]
