@@ -10,8 +10,8 @@ and each trained for the same wall-clock budget:
                  prompts, lmbda (--trl-lmbda, default 1: compare with b), beta,
                  max_new_tokens, batch, lr and sampling temperature
 
-Teacher: the embedded SmolLM2-135M. Student: the teacher with every other layer kept
-(uniform, the same layers in every row). Prompts: the embedded prompt set
+Teacher: the embedded SmolLM2-135M. Student: the teacher with half its layers kept
+(block influence, the same layers in every row). Prompts: the embedded prompt set
 (prompt_column='prompt', chat template; kd/prompts.py), the data's continuation being
 the corpus text. The divergence is GKD's generalized JSD(β) at loss temperature 1, as
 in TRL (β=0: forward KL, β=1: reverse KL); no CE term in either.
@@ -249,6 +249,21 @@ def run_child(args) -> None:
 # ---------------------------------------------------------------------------------
 # Parent
 # ---------------------------------------------------------------------------------
+def student_layers(args) -> list[int]:
+    """The half-depth student's layers by block influence (the default selection; the
+    uniform one starts at perplexity ~2.6M on the embedded corpus), chosen once and
+    passed to every row so that all start from the same student."""
+    from kd import models
+    from kd.data import build_datasets
+
+    teacher, tok = models.load_model_and_tokenizer("embedded:smollm2-135m")
+    train_data, _ = build_datasets(make_config(args, 0.0), tok)
+    calib = [train_data.batch([i, i + 1]) for i in (0, 2)]
+    n = len(models.decoder_layers(teacher))
+    influence = models.block_influence(teacher, calib)
+    return models.select_layers("block_influence", n, n // 2, influence)
+
+
 def spawn(args, row: str, kept: list[int]) -> dict:
     python = args.trl_python if row == "d" else sys.executable
     cmd = [python, str(Path(__file__).resolve()), "--child", row, "--kept-json", json.dumps(kept)]
@@ -314,13 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         args.kept = json.loads(args.kept_json)
         run_child(args)
         return
-    from transformers import AutoConfig
-
-    from kd import models
-
-    folder = models.local_folder("embedded:smollm2-135m")
-    n_layers = AutoConfig.from_pretrained(folder).num_hidden_layers
-    kept = models.uniform_layers(n_layers, n_layers // 2)
+    kept = student_layers(args)
     results: dict[str, dict] = {}
     if not args.no_reference:
         ref = spawn(args, "ref", kept)
