@@ -49,7 +49,7 @@ def test_own_loop_greedy_equals_hf_generate_and_unbatched_decoding(lms):
     _, s = lms
     s.train()
     g = GenSettings(max_new_tokens=6, greedy=True)
-    ours = generate(s, PROMPTS, g, eos_id=-1, pad_id=0)
+    ours = generate(s, PROMPTS, g, eos_id=-1, pad_id=0, use_hf_generate=False)
     hf = generate(s, PROMPTS, g, eos_id=-1, pad_id=0, use_hf_generate=True)
     assert torch.equal(ours["input_ids"], hf["input_ids"])
     for i, p in enumerate(PROMPTS):  # left padding changes nothing: same as one at a time
@@ -76,13 +76,16 @@ def test_stops_per_sequence_at_eos_and_pads_to_the_longest(lms):
     assert b["input_ids"].shape[1] == max(len(p) + n for p, n in zip(PROMPTS, lengths, strict=True))
 
 
-def test_sampling_is_seeded_by_generator(lms):
+@pytest.mark.parametrize("hf", [True, False])
+def test_sampling_is_seeded_by_generator(lms, hf):
     _, s = lms
     g = GenSettings(max_new_tokens=8, temperature=1.5, top_p=0.9)
 
     def draw(seed):
         gen = torch.Generator().manual_seed(seed)
-        return generate(s, PROMPTS, g, eos_id=-1, pad_id=0, generator=gen)["input_ids"]
+        return generate(s, PROMPTS, g, eos_id=-1, pad_id=0, generator=gen, use_hf_generate=hf)[
+            "input_ids"
+        ]
 
     assert torch.equal(draw(rollout.rollout_seed(0, 3, 0)), draw(rollout.rollout_seed(0, 3, 0)))
     assert not torch.equal(draw(rollout.rollout_seed(0, 3, 0)), draw(rollout.rollout_seed(0, 3, 1)))
