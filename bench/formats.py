@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from kd.exports import gguf as kgguf  # noqa: E402
 from kd.exports import ort_genai  # noqa: E402
+from kd.exports.parity import memoized, torch_logits  # noqa: E402
 
 DEFAULT_FORMATS = ["gguf-f16", "gguf-q8_0", "gguf-q4_0", "genai-fp32", "genai-int8", "genai-int4"]
 
@@ -52,17 +53,17 @@ def prompts_from(blocks: torch.Tensor, count: int, length: int = 32) -> list[tor
     return [blocks[i % len(blocks), :length] for i in range(count)]
 
 
-def run_format(fmt, args, student, blocks, prompts, fp32_bytes, work: Path) -> dict:
+def run_format(fmt, args, student, ref, blocks, prompts, fp32_bytes, work: Path) -> dict:
     kind, variant = fmt.split("-", 1)
     t0 = time.perf_counter()
     if kind == "gguf":
         path = kgguf.write_gguf(args.student, work / f"student-{variant}.gguf", variant)
         t_export = time.perf_counter() - t0
-        row = kgguf.check_gguf(path, student, blocks, fp32_bytes=fp32_bytes)
+        row = kgguf.check_gguf(path, ref, blocks, fp32_bytes=fp32_bytes)
     elif kind == "genai":
         path = ort_genai.build_genai(args.student, work / f"genai-{variant}", variant)
         t_export = time.perf_counter() - t0
-        row = ort_genai.check_genai(path, student, blocks, fp32_bytes=fp32_bytes)
+        row = ort_genai.check_genai(path, ref, blocks, fp32_bytes=fp32_bytes)
         if args.prompts:
             lm = ort_genai.GenAILM(path)
             row |= ort_genai.generation_speed(student, lm, prompts, args.new_tokens)
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     fp32_bytes = sum(p.numel() * 4 for p in student.parameters())  # tied weights once
     blocks = eval_blocks(tok, args.text, args.blocks, args.block_len)
     prompts = prompts_from(blocks, args.prompts)
+    ref = memoized(torch_logits(student))  # the fp32 student runs once for all formats
     args.work.mkdir(parents=True, exist_ok=True)
     header = {
         "bench": "formats",
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for fmt in args.formats:
         try:
-            row = run_format(fmt, args, student, blocks, prompts, fp32_bytes, args.work)
+            row = run_format(fmt, args, student, ref, blocks, prompts, fp32_bytes, args.work)
         except Exception as e:  # one failing format must not hide the others
             row = {"name": fmt, "error": f"{type(e).__name__}: {e}"[:2000]}
         rows.append(row)

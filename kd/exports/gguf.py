@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd.exports.parity import artifact_row, parity, torch_logits
+from kd.exports.parity import BlockLogits, artifact_row, parity, reference_logits, torch_logits
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def load_gguf(gguf_file: str | Path) -> nn.Module:
 
 def check_gguf(
     gguf_file: str | Path,
-    student: nn.Module,
+    student: nn.Module | BlockLogits,
     blocks: Tensor,
     *,
     fp32_bytes: int | None = None,
@@ -324,7 +324,7 @@ def check_gguf(
     two passes of gguf's reader over the vocabulary (seconds on a quiet CPU).
     """
     loaded = load_gguf(gguf_file)
-    row = parity(torch_logits(student.eval()), torch_logits(loaded), blocks, batch_size)
+    row = parity(reference_logits(student), torch_logits(loaded), blocks, batch_size)
     return {"format": "gguf", **row, **artifact_row(gguf_file, fp32_bytes)}
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd.exports.parity import artifact_row, parity, torch_logits
+from kd.exports.parity import BlockLogits, artifact_row, parity, reference_logits
 
 GENAI_PRECISIONS = ("fp32", "int8", "int4")
 
@@ -174,12 +174,12 @@ def generation_speed(
 
 def check_genai(
     folder: str | Path,
-    student: nn.Module,
+    student: nn.Module | BlockLogits,
     blocks: Tensor,
     *,
     fp32_bytes: int | None = None,
 ) -> dict[str, object]:
     """Load the GenAI folder with og and compare with the PyTorch `student` on `blocks`."""
     lm = GenAILM(folder)
-    row = parity(torch_logits(student.eval()), lm, blocks, batch_size=1)
+    row = parity(reference_logits(student), lm, blocks, batch_size=1)
     return {"format": "ort-genai", **row, **artifact_row(folder, fp32_bytes)}
