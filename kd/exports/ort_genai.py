@@ -8,8 +8,9 @@ the CPU execution provider. The output folder (`model.onnx`, `model.onnx.data`,
 Precisions: `fp32`; `int4` and `int8` are weight-only block-wise MatMulNBits
 quantization with the builder's default algorithm (RTN, block 32, symmetric; on CPU the
 activations of those MatMuls are quantized to int8, the builder's default accuracy
-level 4). A tied embedding is shared with the LM head (GatherBlockQuantized), so it is
-stored once.
+level 4). At int4 a tied embedding is shared with the LM head (GatherBlockQuantized) and
+stored once; GatherBlockQuantized is INT4-only, so int8 keeps an fp32 embedding beside
+an INT8 head (larger than one would expect of "int8").
 
 The builder runs in a subprocess: it imports its own torch/transformers model, holds
 the whole checkpoint in memory while it writes, and its failure then comes back as one
@@ -182,4 +183,10 @@ def check_genai(
     """Load the GenAI folder with og and compare with the PyTorch `student` on `blocks`."""
     lm = GenAILM(folder)
     row = parity(reference_logits(student), lm, blocks, batch_size=1)
-    return {"format": "ort-genai", **row, **artifact_row(folder, fp32_bytes)}
+    model_bytes = sum(f.stat().st_size for f in Path(folder).glob("model.onnx*"))
+    return {
+        "format": "ort-genai",
+        **row,
+        **artifact_row(folder, fp32_bytes),
+        "model_bytes": model_bytes,
+    }
