@@ -37,7 +37,10 @@ from kd.exports import gguf as kgguf  # noqa: E402
 from kd.exports import ort_genai  # noqa: E402
 from kd.exports.parity import memoized, torch_logits  # noqa: E402
 
-DEFAULT_FORMATS = ["gguf-f16", "gguf-q8_0", "gguf-q4_0", "genai-fp32", "genai-int8", "genai-int4"]
+# the artifacts that meet (or test) the targets first, so a cut run has them
+DEFAULT_FORMATS = [
+    "gguf-q8_0", "gguf-q4_0", "genai-int4", "gguf-f16", "genai-int8", "genai-fp32",
+]  # fmt: skip
 
 
 def eval_blocks(tokenizer, text_file: Path, n: int, length: int) -> torch.Tensor:
@@ -71,6 +74,13 @@ def run_format(fmt, args, student, ref, blocks, prompts, fp32_bytes, work: Path)
     else:
         raise SystemExit(f"unknown format {fmt}; known: {DEFAULT_FORMATS}")
     return {"name": fmt, "export_s": round(t_export, 1), **row}
+
+
+def log_line(log: Path | None, line: str) -> None:
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            f.write(line + "\n")
 
 
 def fmt_row(r: dict) -> str:
@@ -124,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     lines = [json.dumps(header)]
     print(lines[0], flush=True)
+    log_line(args.log, lines[0])
     rows = []
     for fmt in args.formats:
         try:
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         lines.append(json.dumps(row, default=str))
         print(lines[-1], flush=True)
+        log_line(args.log, lines[-1])  # each row as soon as it exists: a long run can be cut
         gc.collect()
     table = [
         "| format | MB | ×fp32 | ppl | ppl/fp32 | top-1 agr. | max abs dlogit | tok/s | "
@@ -142,10 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     table += [fmt_row(r) for r in rows if "error" not in r]
     table += [f"| {r['name']} | error: {r['error'][:200]} |" for r in rows if "error" in r]
     print("\n".join(table))
-    if args.log:
-        args.log.parent.mkdir(parents=True, exist_ok=True)
-        with args.log.open("a") as f:
-            f.write("\n".join(lines + [""] + table) + "\n\n")
+    log_line(args.log, "\n" + "\n".join(table) + "\n")
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 
