@@ -14,7 +14,8 @@ GGUF tokens/s). Quick run (about 5 minutes on 2 busy cores):
         --text ../shared/data/wikitext-2/valid.txt --blocks 8 --block-len 256 \
         --prompts 2 --new-tokens 32 --log bench/results/formats_$(date +%F).log
 
-Full run on a quiet machine: --blocks 32 --prompts 8 --new-tokens 128.
+Full run on a quiet machine: --blocks 32 --prompts 8 --new-tokens 128. Formats are
+gguf-<f32|f16|bf16|q8_0|q5_0|q5_1|q4_0|q4_1> and genai-<fp32|int8|int4>.
 """
 
 from __future__ import annotations

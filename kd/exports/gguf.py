@@ -19,6 +19,11 @@ students (all plain Llama folders) export the same way.
 `check_gguf(gguf_file, student, blocks)` loads the file back with transformers' GGUF
 reader (an implementation independent of this writer) and compares it with the PyTorch
 student: max |Δlogit|, top-1 agreement, perplexity, size and sha256.
+
+F16 parity is bounded by fp16 rounding of the weights, not by the writer: on
+SmolLM2-135M the F16 file's max |Δlogit| (0.051 over 4x256 positions, logits up to ~42)
+equals that of the PyTorch model with its weights rounded to fp16. Use "f32" where an
+exact file is needed.
 """
 
 from __future__ import annotations
