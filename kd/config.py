@@ -28,6 +28,25 @@ DERIVED_STUDENT = "teacher"
 _DERIVED_RE = re.compile(r"^teacher(?::(?P<opts>.*))?$")
 _LAYER_SELECTIONS = ("uniform", "block_influence", "first")
 
+# spec key -> DistillConfig field, for 'teacher:layers=N,hidden=H,...'
+_SIZE_KEYS = {
+    "layers": "student_layers",
+    "hidden": "student_hidden",
+    "ffn": "student_ffn",
+    "heads": "student_heads",
+    "kv_heads": "student_kv_heads",
+}
+
+
+def _params_ok(value: str) -> bool:
+    from kd.shapes import parse_params
+
+    try:
+        return parse_params(value) >= 1
+    except ValueError:
+        return False
+
+
 Objective = Literal["forward_kl", "reverse_kl", "jsd"]
 LayerSelection = Literal["uniform", "block_influence", "first"]
 
@@ -52,10 +71,31 @@ class DistillConfig(BaseModel):
         None,
         max_length=512,
         description="Student: a Hugging Face id, a local folder or a .gguf file; null or "
-        "'teacher[:layers=N[,select=S]]' derives it from the teacher by keeping N layers.",
+        "'teacher[:layers=N[,select=S][,hidden=H,ffn=F,heads=A,kv_heads=K]]' or "
+        "'teacher:params=60M' derives it from the teacher (depth and width pruning).",
     )
     student_layers: int | None = Field(
         None, ge=1, le=1024, description="Layers kept in a derived student; null keeps half."
+    )
+    student_hidden: int | None = Field(
+        None, ge=1, le=1_000_000, description="Derived student's hidden size (width pruning)."
+    )
+    student_ffn: int | None = Field(
+        None, ge=1, le=10_000_000, description="Derived student's FFN (intermediate) size."
+    )
+    student_heads: int | None = Field(
+        None, ge=1, le=4096, description="Derived student's query heads (head_dim kept)."
+    )
+    student_kv_heads: int | None = Field(
+        None, ge=1, le=4096, description="Derived student's KV heads (whole GQA groups)."
+    )
+    student_params: int | None = Field(
+        None,
+        ge=1,
+        le=10**13,
+        description="Derived student's parameter budget (e.g. 60M); the shape is chosen "
+        "among depth, width and mixed candidates within ±3%. Excludes the other student_* "
+        "size fields.",
     )
     layer_selection: LayerSelection = Field(
         "block_influence",
@@ -166,6 +206,15 @@ class DistillConfig(BaseModel):
             raise ValueError("must be a finite number")
         return v
 
+    @field_validator("student_params", mode="before")
+    @classmethod
+    def _params_text(cls, v: object) -> object:
+        if isinstance(v, str):
+            from kd.shapes import parse_params
+
+            return parse_params(v)
+        return v
+
     @field_validator("teacher_model", "student_model", "dataset")
     @classmethod
     def _no_control_chars(cls, v: str | None) -> str | None:
@@ -177,6 +226,7 @@ class DistillConfig(BaseModel):
     def _cross_field(self) -> DistillConfig:
         problems: list[str] = []
         self._normalize_student(problems)
+        self._check_shape_fields(problems)
         weights = dict(
             alpha_kl=self.alpha_kl,
             beta_ce=self.beta_ce,
@@ -216,7 +266,8 @@ class DistillConfig(BaseModel):
         return self
 
     def _normalize_student(self, problems: list[str]) -> None:
-        """Fold 'teacher:layers=N,select=S' into student_layers / layer_selection."""
+        """Fold 'teacher:layers=N,select=S,hidden=H,ffn=F,heads=A,kv_heads=K,params=P'
+        into the student_* fields and layer_selection."""
         spec = self.student_model
         if spec is None:
             self.student_model = DERIVED_STUDENT
@@ -231,15 +282,43 @@ class DistillConfig(BaseModel):
         for part in opts.split(","):
             key, _, value = part.partition("=")
             key, value = key.strip(), value.strip()
-            if key == "layers" and value.isdigit() and int(value) >= 1:
-                self.student_layers = int(value)
+            if key in _SIZE_KEYS and value.isdigit() and int(value) >= 1:
+                setattr(self, _SIZE_KEYS[key], int(value))
+            elif key == "params" and _params_ok(value):
+                from kd.shapes import parse_params
+
+                self.student_params = parse_params(value)
             elif key == "select" and value in _LAYER_SELECTIONS:
                 self.layer_selection = value  # type: ignore[assignment]
             else:
                 problems.append(
                     f"student_model: cannot read '{part}' in '{spec}'; expected "
                     "'teacher:layers=N' optionally with ',select=uniform|block_influence|first'"
+                    ", and width sizes 'hidden=H,ffn=F,heads=A,kv_heads=K', or a budget "
+                    "'params=60M' alone"
                 )
+
+    def _check_shape_fields(self, problems: list[str]) -> None:
+        """A budget excludes explicit sizes; heads must split evenly over KV heads."""
+        sizes = {f: getattr(self, f) for f in _SIZE_KEYS.values()}
+        given = [f for f, v in sizes.items() if v is not None]
+        if self.student_params is not None and given:
+            problems.append(
+                f"student_params: give a parameter budget or explicit sizes ({', '.join(given)})"
+                ", not both; drop one"
+            )
+        width = [f for f in given if f != "student_layers"]
+        if (width or self.student_params is not None) and not self.derives_student:
+            problems.append(
+                f"{(width or ['student_params'])[0]}: size fields apply to a student derived "
+                "from the teacher; set student_model='teacher' or drop them"
+            )
+        heads, kv = self.student_heads, self.student_kv_heads
+        if heads is not None and kv is not None and heads % kv:
+            problems.append(
+                f"student_heads: {heads} is not a multiple of student_kv_heads={kv}; every "
+                "KV head serves the same number of query heads"
+            )
 
     # ---- helpers ------------------------------------------------------------------
     @property

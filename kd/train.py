@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd import evaluate, models
+from kd import evaluate, models, shapes, width
 from kd.config import DistillConfig
 from kd.data import BlockSampler, Packed, build_datasets
 from kd.losses import HiddenProjection, LossWeights, hybrid_loss
@@ -117,14 +117,17 @@ def build_student(
         )
         return student, tok, None, {}
     n_total = len(models.decoder_layers(teacher))
-    n_keep = cfg.student_layers or max(1, n_total // 2)
+    shape = shapes.requested_shape(cfg, teacher.config)  # None: depth only
+    n_keep = shape.layers if shape else cfg.student_layers or max(1, n_total // 2)
     if n_keep > n_total:
         raise ValueError(
             f"student_layers={n_keep} but the teacher has only {n_total} layers; choose "
             f"1..{n_total}"
         )
     if kept_layers is not None:
-        return models.derive_student(teacher, kept_layers), teacher_tok, kept_layers, {}
+        pruned = width.derive_from_config(cfg, teacher, kept_layers, train_data)
+        student = pruned[0] if pruned else models.derive_student(teacher, kept_layers)
+        return student, teacher_tok, kept_layers, {}
     calib = [train_data.batch(list(range(i, min(i + 2, len(train_data))))) for i in (0, 2)]
     influence = models.block_influence(teacher, calib)
     report: dict[str, object] = {"block_influence": [round(x, 5) for x in influence]}
@@ -146,6 +149,11 @@ def build_student(
     keep = candidates[cfg.layer_selection]
     report["chosen"] = cfg.layer_selection
     report["kept_layers"] = keep
+    pruned = width.derive_from_config(cfg, teacher, keep, train_data, eval_data)
+    if pruned is not None:  # width pruning of the kept layers (kd/width.py)
+        report["width"] = pruned[1]
+        log_fn(f"width-pruned student {pruned[1]['shape']}: {pruned[1]['params']:,} params")
+        return pruned[0], teacher_tok, keep, report
     return models.derive_student(teacher, keep), teacher_tok, keep, report
 
 
