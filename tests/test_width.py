@@ -245,3 +245,28 @@ def test_spec_and_budget_parsing(tiny_teacher):
     only_ffn = requested_shape(DistillConfig(student_model="teacher:ffn=64"), t_cfg)
     assert only_ffn.sizes() == (4, 64, 64, 4, 2)  # the rest stays the teacher's
     assert requested_shape(DistillConfig(student_model="teacher:layers=2"), t_cfg) is None
+
+
+# ---- the training loop ------------------------------------------------------------------
+def test_width_pruned_student_trains_resumes_and_reports(tiny_teacher, corpus):
+    from kd.train import load_state_dict, setup, state_dict, train
+    from tests.conftest import tiny_cfg
+
+    spec = "teacher:layers=3,hidden=48,ffn=96,heads=2,kv_heads=1"
+    cfg = tiny_cfg(tiny_teacher, corpus, student_model=spec, student_layers=None, max_steps=4)
+    run = setup(cfg)  # beta_ce, delta_cos on: the hidden term goes through a projection
+    rep = run.selection["width"]
+    assert rep["shape"]["hidden"] == 48 and len(rep["kept"]["layers"]) == 3
+    assert rep["kept"]["layers"] == run.kept_layers
+    assert rep["params"] == count_params(run.student.config)
+    assert {"ppl_width", "ppl_width_first_k", "importance_seconds"} <= set(rep)
+    assert len(rep["scores"]["heads_per_layer"]) == 4  # every teacher layer, 4 heads each
+    first = {k: v.clone() for k, v in run.student.state_dict().items()}
+    cfg3 = cfg.model_copy(update={"max_steps": 2})
+    run.cfg = cfg3
+    train(run)
+    assert any(not torch.equal(first[k], v) for k, v in run.student.state_dict().items())
+    resumed = setup(cfg, kept_layers=run.kept_layers)  # same shape rebuilt from the config
+    load_state_dict(resumed, state_dict(run))
+    train(resumed)
+    assert resumed.step == 4 and resumed.student.config.num_key_value_heads == 1
