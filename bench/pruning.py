@@ -51,18 +51,23 @@ def machine() -> str:
 def scoring(teacher, train_data, calib_blocks: int, batch_size: int) -> dict:
     """Block influence and width importance on the same calibration blocks, timed."""
     calib = width.calibration_batches(train_data, calib_blocks, batch_size)
-    t0 = time.perf_counter()
+    # Wall time, and CPU time of this process: on a shared machine the wall time
+    # measures the neighbours; CPU seconds / threads is what an idle machine would take.
+    t0, c0 = time.perf_counter(), time.process_time()
     imp = width.importance(teacher, calib)
-    t_imp = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_imp, c_imp = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     influence = models.block_influence(teacher, calib)
-    t_inf = time.perf_counter() - t0
+    t_inf, c_inf = time.perf_counter() - t0, time.process_time() - c0
     return {
         "importance": imp,
         "influence": influence,
         "importance_s": t_imp,
+        "importance_cpu_s": c_imp,
         "block_influence_s": t_inf,
+        "block_influence_cpu_s": c_inf,
         "calibration_tokens": imp.tokens,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -201,7 +206,7 @@ def main() -> None:
     teacher.eval().requires_grad_(False)
     train_data, held = data.build_datasets(DistillConfig(**base), tok)
     sc = scoring(teacher, train_data, args.calib_blocks, 4)
-    timing = {k: sc[k] for k in ("importance_s", "block_influence_s", "calibration_tokens")}
+    timing = {k: v for k, v in sc.items() if k not in ("importance", "influence")}
     rows = [{"row": "scoring", **timing}]
     print(json.dumps(rows[0]), flush=True)
     t_ppl = evaluate.perplexity(teacher, held, max_blocks=args.eval_blocks, batch_size=4)

@@ -113,11 +113,12 @@ def importance(model: nn.Module, batches: list[dict[str, Tensor]]) -> Importance
     handles.append(model.get_decoder().norm.register_forward_hook(on_norm))
     tokens = 0
     was_training = model.training
+    decoder = model.get_decoder()  # no LM head: the [B, T, V] logits are not needed
     try:
         model.eval()
         for b in batches:
             mask[:] = [b["attention_mask"].float()[..., None]]
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+            decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
             tokens += int(b["attention_mask"].sum())
     finally:
         for h in handles:
