@@ -1,8 +1,10 @@
 # The README's commands. `make demo` and `make test` install what they need first.
 PY ?= python3
-PIP := $(PY) -m pip install -q
+# constraints.txt pins every package to the version the test suite passed with
+# (regenerate it with `make lock`); pyproject.toml keeps the compatible ranges.
+PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint lock
 
 install:
 	$(PIP) torch==2.13.0            # the CPU build; an unpinned torch pulls CUDA wheels
@@ -17,3 +19,6 @@ test: install
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+lock:
+	PY=$(PY) bash scripts/lock.sh

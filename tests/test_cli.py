@@ -259,7 +259,12 @@ def coloured_pixels(png: Path) -> tuple[int, tuple[int, int, int, int] | None]:
     return len(boxes), (min(xs), min(ys), max(xs), max(ys))
 
 
-@pytest.mark.skipif(chromium() is None, reason="chromium not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    chromium() is None,
+    reason="no chromium on PATH: to run this browser test install a headless Chromium, e.g. "
+    "`sudo apt-get install chromium` on Debian/Ubuntu (`brew install --cask chromium` on macOS); "
+    ".ci/run installs it",
+)
 def test_report_page_renders_the_chart_in_chromium(deployed, followed, cancelled, tmp_path):
     job_id = followed["job_id"]
     url = f"{deployed['open_url']}/jobs/{job_id}/report"
