@@ -21,6 +21,9 @@ import torch
 from kd import pipeline
 from kd.config import load_config
 from kd.export import write_json
+from kd.model_files import ModelFilesError
+from kd.preflight import PreflightError, preflight
+from kd.preflight import summary as preflight_summary
 from kd.train import Run, load_state_dict, setup, state_dict, train
 
 CKPT = "checkpoint"
@@ -71,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # pydantic lists every problem with its field
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
+    try:  # tokenizers and memory, from config files only, before anything is loaded
+        plan = preflight(cfg)
+    except (PreflightError, ModelFilesError) as e:
+        print(f"preflight refused the job: {e}", file=sys.stderr)
+        return 2
+    print(preflight_summary(plan))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data: {len(run.train_data)} training blocks, {len(run.eval_data)} held-out blocks "
         f"of {cfg.max_seq_len} tokens"
     )
-    before = pipeline.evaluate_before(run, out)
+    before = pipeline.evaluate_before(run, out, preflight=plan)
     print(
         f"held-out perplexity: teacher {before['teacher_ppl']:.2f}, "
         f"student before training {before['student_ppl']:.2f}"

@@ -35,9 +35,9 @@ def eval_kwargs(run: Run) -> dict:
     }
 
 
-def evaluate_before(run: Run, out: Path) -> dict:
+def evaluate_before(run: Run, out: Path, preflight: dict | None = None) -> dict:
     """Held-out numbers of teacher and untrained student; kept in out/before.json so a
-    resumed job still reports them."""
+    resumed job still reports them. preflight: kd.preflight's plan, stored with them."""
     path = out / BEFORE
     if path.is_file():
         return json.loads(path.read_text())
@@ -46,6 +46,8 @@ def evaluate_before(run: Run, out: Path) -> dict:
     before = evaluate.compare(run.teacher, run.student, run.eval_data, **eval_kwargs(run))
     run.student.train(was)
     before["student_selection"] = run.selection
+    if preflight is not None:
+        before["preflight"] = preflight
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, before)
     return before
@@ -85,7 +87,7 @@ def finalize(
     metrics.update(extra or {})
     write_json(out / METRICS, metrics)
     curves.write_all(out, history, run.cfg.model_dump(mode="json"), reference=metrics)
-    write_report(run, plain, out, student_dir, metrics)
+    write_report(run, plain, out, student_dir, metrics, preflight=before.get("preflight"))
     return metrics
 
 
@@ -140,7 +142,9 @@ def write_exports(run: Run, plain, out: Path, student_dir: Path) -> dict:
     return exports
 
 
-def write_report(run: Run, plain, out: Path, student_dir: Path, metrics: dict) -> dict:
+def write_report(
+    run: Run, plain, out: Path, student_dir: Path, metrics: dict, preflight: dict | None = None
+) -> dict:
     """report.json, report.md, the model card and manifest.json."""
     size = report.param_summary(run.teacher, plain)
     size["student_mb"] = report.folder_bytes(student_dir) / 1e6
@@ -169,6 +173,7 @@ def write_report(run: Run, plain, out: Path, student_dir: Path, metrics: dict) -
         "speed": speed,
         "train_seconds": metrics["train_seconds"],
         "exports": write_exports(run, plain, out, student_dir),
+        "preflight": preflight,
     }
     write_json(out / REPORT, rep)
     (out / "report.md").write_text(report.render_markdown(rep))

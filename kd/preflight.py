@@ -41,9 +41,9 @@ class PreflightError(ValueError):
 
 @dataclass(frozen=True)
 class WorkerBudget:
-    """Memory one worker may use (bytes); gpu_bytes None when unknown or no GPU."""
+    """Memory one worker may use (bytes); None where unknown (then nothing is compared)."""
 
-    host_bytes: int
+    host_bytes: int | None
     gpu_bytes: int | None = None
     where: str = "this machine"
 
@@ -79,14 +79,9 @@ class WorkerBudget:
             fit = min(fit, cfg.num_workers)
             if fit >= 1:
                 shares.append(int(res["memory"] / fit))
-        if not shares:
-            raise PreflightError(
-                [
-                    f"cpus_per_worker: no node of the cluster has {cfg.cpus_per_worker} CPUs"
-                    + (" and a GPU" if cfg.use_gpu else "")
-                    + "; lower cpus_per_worker or add a larger node"
-                ]
-            )
+        if not shares:  # an autoscaler may still add a node that fits: do not refuse
+            need = f"{cfg.cpus_per_worker} CPUs" + (" and a GPU" if cfg.use_gpu else "")
+            return cls(None, None, f"a Ray worker (no node with {need} up now)")
         return cls(min(shares), gpu_bytes if cfg.use_gpu else None, "a Ray worker")
 
 
@@ -151,7 +146,9 @@ def check_tokenizers(teacher: ModelFiles, student: ModelFiles | None) -> dict:
 # Memory: the plan, the budget and the settings that would fit
 # ---------------------------------------------------------------------------------
 def _need(plan: dict, budget: WorkerBudget, gpu: bool) -> tuple[int, int]:
-    """(needed, available) bytes on the device that holds the training state."""
+    """(needed, available) bytes on the device that holds the training state.
+
+    Callers check `budget.host_bytes is None` (unknown) first."""
     if gpu and budget.gpu_bytes is not None:
         return int(plan["peak_bytes"]), int(budget.gpu_bytes * HEADROOM)
     if gpu:  # GPU memory unknown: the host still has to hold both models once
@@ -221,6 +218,9 @@ def check_memory(
 ) -> tuple[dict, list[str]]:
     """(plan with the budget, problems): one problem when the plan exceeds the budget."""
     plan = plan_memory(cfg, t.arch, s_arch)
+    if budget.host_bytes is None:
+        plan["worker"] = {"where": budget.where, "note": "memory unknown: not compared"}
+        return plan, []
     need, have = _need(plan, budget, cfg.use_gpu)
     plan["worker"] = {
         "where": budget.where,
@@ -250,10 +250,15 @@ def check_memory(
 # ---------------------------------------------------------------------------------
 # The entry point
 # ---------------------------------------------------------------------------------
-def preflight(cfg: DistillConfig, budget: WorkerBudget | None = None) -> dict:
+def preflight(
+    cfg: DistillConfig, budget: WorkerBudget | None = None, *, refuse: bool = True
+) -> dict:
     """Tokenizer check and memory plan for `cfg`; raises PreflightError listing problems.
 
     budget: the worker's memory; None measures this machine (a local run).
+    refuse: False returns the plan with its `problems` instead of raising (for
+    before.json, written by a job that was already admitted).
+    Raises ModelFilesError when a model's config or tokenizer cannot be read.
     """
     teacher = read_model(cfg.teacher_model)
     student = None if cfg.derives_student else read_model(cfg.student_model)
@@ -282,7 +287,8 @@ def preflight(cfg: DistillConfig, budget: WorkerBudget | None = None) -> dict:
         "read_from": teacher.where if student is None else student.where,
         "layers": s_arch.layers,
     }
-    if problems:
+    plan["problems"] = problems
+    if problems and refuse:
         raise PreflightError(problems, plan)
     return plan
 
@@ -290,9 +296,11 @@ def preflight(cfg: DistillConfig, budget: WorkerBudget | None = None) -> dict:
 def summary(plan: dict) -> str:
     """One line for logs: the peak, what dominates it and the worker's memory."""
     w = plan.get("worker", {})
+    usable = w.get("usable_bytes")
+    has = f"has {gib(usable)} usable" if usable is not None else "memory unknown"
     top = sorted(plan["bytes"].items(), key=lambda kv: -kv[1])[:3]
     return (
         f"preflight: peak {gib(plan['peak_bytes'])} per worker ({plan['peak_phase']}; "
         + ", ".join(f"{k} {gib(v)}" for k, v in top)
-        + f"); {w.get('where', '?')} has {gib(w.get('usable_bytes', 0))} usable"
+        + f"); {w.get('where', '?')} {has}"
     )

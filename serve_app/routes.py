@@ -22,6 +22,7 @@ from serve_app.schemas import (
 )
 from serve_app.security import check_token, job_paths, policy_problems
 from serve_app.service import Service, current
+from train_job.cluster_preflight import http_problems
 from train_job.paths import new_job_id, valid_job_id
 
 
@@ -69,6 +70,10 @@ async def distill(
         raise HTTPException(
             422, detail=[{"loc": ["body", f], "msg": m, "type": "value_error"} for f, m in problems]
         )
+    # Preflight (tokenizers, memory per worker) from config files only, before queueing.
+    refused = await asyncio.to_thread(http_problems, cfg)
+    if refused:
+        raise HTTPException(422, detail=refused)
     job_id = job_id or new_job_id()
     paths = job_paths(svc.settings, job_id)
     config = cfg.model_dump(mode="json")

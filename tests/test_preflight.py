@@ -193,5 +193,40 @@ def test_ray_budget_is_the_tightest_nodes_share_per_worker():
     cfg = DistillConfig(num_workers=4, cpus_per_worker=2)
     budget = WorkerBudget.from_ray_nodes(nodes, cfg)
     assert budget.host_bytes == 4 * GIB  # 16 GiB shared by 4 workers; 8 GiB by 1
-    with pytest.raises(PreflightError, match="cpus_per_worker"):
-        WorkerBudget.from_ray_nodes(nodes, DistillConfig(cpus_per_worker=16))
+    # No node fits now: an autoscaler may add one, so the memory is unknown, not refused.
+    unknown = WorkerBudget.from_ray_nodes(nodes, DistillConfig(cpus_per_worker=16))
+    assert unknown.host_bytes is None
+    plan = preflight(DistillConfig(), unknown)
+    assert plan["worker"]["note"] == "memory unknown: not compared" and plan["problems"] == []
+
+
+def test_refuse_false_returns_the_plan_with_its_problems():
+    plan = preflight(DistillConfig(), WorkerBudget(GIB, None, "w"), refuse=False)
+    assert plan["problems"] and plan["problems"][0].startswith("per_device_batch_size:")
+    json.dumps(plan)  # JSON-ready for before.json
+
+
+def test_python_m_kd_refuses_a_tokenizer_mismatch_before_loading(tmp_path, capsys):
+    from kd.cli import main
+
+    teacher = write_model(tmp_path / "t", TOKENS, 40)
+    student = write_model(tmp_path / "s", [f"x{i}" for i in range(48)], 48)
+    argv = ["--out", str(tmp_path / "out"), f"teacher_model={teacher}", f"student_model={student}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "preflight refused the job" in err and "40 tokens" in err and "48 tokens" in err
+
+
+def test_api_problems_name_the_field_without_a_cluster(tmp_path):
+    from train_job.cluster_preflight import http_problems
+
+    teacher = write_model(tmp_path / "t", TOKENS, 40)
+    student = write_model(tmp_path / "s", [f"x{i}" for i in range(48)], 48)
+    cfg = DistillConfig(teacher_model=str(teacher), student_model=str(student))
+    (problem,) = http_problems(cfg)
+    assert problem["loc"] == ["body", "student_model"] and "48 tokens" in problem["msg"]
+    # a source the server cannot read is left to the job's own preflight
+    assert http_problems(DistillConfig(teacher_model=str(tmp_path / "absent"))) == []
+    assert (
+        http_problems(DistillConfig(teacher_model=str(teacher), student_model=str(teacher))) == []
+    )

@@ -80,7 +80,13 @@ def preflight(cfg: DistillConfig) -> None:
         raise DataError(f"dataset path '{ds}' does not exist")
 
 
-def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, trust: bool):
+def build_trainer(
+    cfg: DistillConfig,
+    paths: JobPaths,
+    registry: str | None,
+    trust: bool,
+    preflight_plan: dict | None = None,
+):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -95,6 +101,7 @@ def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, tru
             "storage": paths.root,
             "registry": registry,
             "trust_remote_code": trust,
+            "preflight": preflight_plan,  # rank 0 stores it in before.json
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -134,16 +141,28 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from kd.model_files import ModelFilesError
+    from kd.preflight import PreflightError
+    from train_job import cluster_preflight
     from train_job.registry_client import RegistryClient
 
     ray.init(log_to_driver=True)  # joins a running cluster (RAY_ADDRESS) or starts one
     registry = RegistryClient.connect(args.registry)
+    try:  # tokenizers and memory per worker, from config files, before any worker starts
+        plan = cluster_preflight.check(cfg)
+    except PreflightError as e:
+        print(f"preflight refused job {job_id}: {e}", file=sys.stderr, flush=True)
+        reason = f"preflight: {e}"[:2000]
+        registry.update_sync(job_id, state="failed", error=reason, finished_at=time.time())
+        return 2
+    except ModelFilesError:  # preflight() below names the unreadable source
+        plan = None
     registry.update_sync(job_id, state="running", started_at=time.time())
     print(f"job {job_id}: training {cfg.num_workers} worker(s), storage {paths.root}", flush=True)
     t0 = time.time()
     try:
         preflight(cfg)
-        build_trainer(cfg, paths, args.registry, args.trust_remote_code).fit()
+        build_trainer(cfg, paths, args.registry, args.trust_remote_code, plan).fit()
         metrics = store.read_json(paths.artifact_key("metrics.json"))
     except Exception as e:  # everything a job can die of ends as `failed` with a reason
         reason = _short_reason(e)

@@ -85,7 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     before: dict = {}
     if rank == 0:
         with paths.storage.staged(paths.artifacts_key) as out:  # keeps before.json for resumes
-            before = pipeline.evaluate_before(run, out)
+            before = pipeline.evaluate_before(run, out, preflight=loop_config.get("preflight"))
     if state is not None:
         load_state_dict(run, state)
     resumed_from = run.step
