@@ -12,8 +12,9 @@ selection pass is skipped) and
   eval   `kd.evaluate.compare` on `--eval-blocks` held-out blocks (what before.json
          and metrics.json run), with the optimizer state and last gradients alive
 Measured on CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs before each
-phase) minus the RSS before the models were loaded; on GPU:
-torch.cuda.max_memory_allocated (reset per phase).
+phase, after malloc_trim hands freed heap back) minus the RSS before the models were
+loaded; on GPU: torch.cuda.max_memory_allocated (reset per phase). "held at phase
+start" is what the process holds when the phase begins (weights, optimizer state...).
 
     python bench/preflight.py                      # both cases, 3 steps each
     python bench/preflight.py --cases lora --steps 2
@@ -42,14 +43,21 @@ def rss_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def reset_peak(device) -> None:
+def reset_peak(device) -> int:
+    """Start a phase: returns the memory held now (RSS on CPU) above nothing."""
     if device.type == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-    else:  # VmHWM := VmRSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        return int(torch.cuda.memory_allocated())
+    # Hand freed heap memory back first, so the phase's peak is live memory plus what
+    # the allocator keeps during the phase itself, not what an earlier phase left.
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS (Linux >= 4.0)
+        f.write("5")
+    return rss_bytes()
 
 
 def peak(device, base: int) -> int:
@@ -84,12 +92,12 @@ def child(case: str, steps: int, eval_blocks: int, threads: int) -> dict:
     keep = models.uniform_layers(30, plan["student"]["layers"])
     run = setup(cfg, device=device, kept_layers=keep, log_fn=lambda s: None)
     loaded = peak(device, base) if device.type == "cuda" else rss_bytes() - base
-    reset_peak(device)
+    train_start = reset_peak(device) - base
     t1 = time.perf_counter()
     train(run)
     train_s = time.perf_counter() - t1
     train_peak = peak(device, base)
-    reset_peak(device)
+    eval_start = reset_peak(device) - base
     run.student.eval()
     with run.autocast:
         evaluate.compare(
@@ -111,8 +119,10 @@ def child(case: str, steps: int, eval_blocks: int, threads: int) -> dict:
         "plan_weights_bytes": plan["bytes"]["teacher_weights"] + plan["bytes"]["student_weights"],
         "plan_train": plan["train_peak_bytes"],
         "measured_train": train_peak,
+        "start_train": train_start,
         "plan_eval": plan["eval_peak_bytes"],
         "measured_eval": eval_peak,
+        "start_eval": eval_start,
         "plan": plan["bytes"],
     }
 
@@ -138,11 +148,15 @@ def main() -> int:
             return 1
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     mib = 1024**2
-    print(f"{'case':8} {'phase':6} {'plan MiB':>9} {'measured MiB':>13} {'plan/measured':>14}")
+    head = f"{'case':8} {'phase':6} {'plan MiB':>9} {'measured MiB':>13} {'plan/measured':>14}"
+    print(head + f" {'held at phase start MiB':>24}")
     for r in rows:
         for phase in ("train", "eval"):
-            p, m = r[f"plan_{phase}"], r[f"measured_{phase}"]
-            print(f"{r['case']:8} {phase:6} {p / mib:9.0f} {m / mib:13.0f} {p / m:14.2f}")
+            p, m, s = r[f"plan_{phase}"], r[f"measured_{phase}"], r[f"start_{phase}"]
+            print(
+                f"{r['case']:8} {phase:6} {p / mib:9.0f} {m / mib:13.0f} {p / m:14.2f} "
+                f"{s / mib:24.0f}"
+            )
         print(
             f"{'':8} weights: plan {r['plan_weights_bytes'] / mib:.0f} MiB, RSS after loading "
             f"{r['loaded_bytes'] / mib:.0f} MiB; preflight {r['plan_seconds']} s; "
