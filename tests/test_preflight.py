@@ -230,3 +230,18 @@ def test_api_problems_name_the_field_without_a_cluster(tmp_path):
     assert (
         http_problems(DistillConfig(teacher_model=str(teacher), student_model=str(teacher))) == []
     )
+
+
+def test_the_plan_is_stored_in_before_json(tmp_path, tiny_teacher, corpus):
+    from kd import pipeline
+    from kd.train import setup
+    from tests.conftest import tiny_cfg
+
+    cfg = tiny_cfg(tiny_teacher, corpus)
+    plan = preflight(cfg)
+    run = setup(cfg, kept_layers=[0, 3])
+    before = pipeline.evaluate_before(run, tmp_path, preflight=plan)
+    stored = json.loads((tmp_path / pipeline.BEFORE).read_text())
+    assert before["preflight"] == stored["preflight"]
+    assert stored["preflight"]["params"]["student"] == plan["params"]["student"]
+    assert stored["preflight"]["tokenizers"]["verdict"].startswith("derived student")
