@@ -17,8 +17,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from serve_app.openapi import json_problems
 from serve_app.routes import Svc, job_or_404
-from serve_app.schemas import json_problems
 from serve_app.security import job_paths
 
 router = APIRouter(responses=json_problems(401))

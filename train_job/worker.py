@@ -19,11 +19,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from jobs.paths import RAY_KEY, JobPaths
 from kd import pipeline
 from kd.config import DistillConfig
 from kd.export import write_json
 from kd.train import Run, load_state_dict, setup, state_dict, train
-from train_job.paths import RAY_KEY, JobPaths
 from train_job.registry_client import RegistryClient
 
 STATE_FILE = "state.pt"
