@@ -2,7 +2,7 @@
 PY ?= python3
 PIP := $(PY) -m pip install -q
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 
 install:
 	$(PIP) torch==2.13.0            # the CPU build; an unpinned torch pulls CUDA wheels
@@ -14,6 +14,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The pure-torch and contract tests: everything that starts no Ray (see README for its time).
+test-fast:
+	$(PY) -m pytest -q -m "not ray"
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
