@@ -14,8 +14,6 @@ import subprocess
 import sys
 import tempfile
 
-from jobs.storage import is_uri
-
 
 def run_module(module: str, argv: list[str]) -> int:
     """`python -m module *argv` with this interpreter; its exit code."""
@@ -29,6 +27,8 @@ def run_module(module: str, argv: list[str]) -> int:
 
 def settings_from_args(args: argparse.Namespace) -> dict:
     """Serve app settings: LLM2SLM_* env vars, then these flags (flags win)."""
+    from jobs.storage import is_uri  # pyarrow: only for this command
+
     settings: dict = {}
     if args.storage or not os.environ.get("LLM2SLM_STORAGE_ROOT"):
         root = args.storage or "llm2slm-storage"
