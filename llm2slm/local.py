@@ -14,10 +14,12 @@ import subprocess
 import sys
 import tempfile
 
+OPTIONS_ENV = "LLM2SLM_SERVE_OPTIONS"  # read (and removed) by serve_app/local.py
 
-def run_module(module: str, argv: list[str]) -> int:
+
+def run_module(module: str, argv: list[str], env: dict[str, str] | None = None) -> int:
     """`python -m module *argv` with this interpreter; its exit code."""
-    proc = subprocess.Popen([sys.executable, "-m", module, *argv])
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], env=env)
     while True:
         try:
             return proc.wait()
@@ -51,7 +53,9 @@ def serve(args: argparse.Namespace) -> int:
         "address": args.address,
         "settings": settings_from_args(args),
     }
-    return run_module("serve_app", [json.dumps(opts)])
+    # In the environment, not the command line: the options may hold the API token, and
+    # a command line is visible to every user of the machine.
+    return run_module("serve_app", [], env=os.environ | {OPTIONS_ENV: json.dumps(opts)})
 
 
 def distill_local(config: dict, args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
-"""`python -m serve_app OPTIONS_JSON`: a local Ray (dashboard, job API) and the Serve app.
+"""`python -m serve_app`: a local Ray (dashboard, job API) and the Serve app.
 
 `llm2slm serve` starts this module in a child process, so the command-line package
-never imports serve_app or Ray. OPTIONS_JSON holds host, port, dashboard_port, address
-(an existing cluster, or null) and settings (the app's settings without the dashboard).
+never imports serve_app or Ray. Its options come as JSON in the environment variable
+LLM2SLM_SERVE_OPTIONS (not the command line, which every user can read: the settings
+may hold the API token): host, port, dashboard_port, address (an existing cluster, or
+null) and settings (the app's settings without the dashboard address).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import os
 import sys
 import time
+
+OPTIONS_ENV = "LLM2SLM_SERVE_OPTIONS"  # set by llm2slm/local.py
 
 
 def serve_forever(opts: dict) -> int:
@@ -51,9 +55,9 @@ def serve_forever(opts: dict) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m serve_app OPTIONS_JSON (see `llm2slm serve`)", file=sys.stderr)
+def main() -> int:
+    raw = os.environ.pop(OPTIONS_ENV, None)  # popped: Ray workers need not inherit it
+    if raw is None:
+        print(f"python -m serve_app needs {OPTIONS_ENV}; use `llm2slm serve`", file=sys.stderr)
         return 2
-    return serve_forever(json.loads(args[0]))
+    return serve_forever(json.loads(raw))
