@@ -20,8 +20,9 @@ import httpx
 import pytest
 import torch
 
+from jobs.states import TERMINAL
+
 pytestmark = pytest.mark.service
-TERMINAL = ("succeeded", "failed", "cancelled")
 MEASURED: dict[str, object] = {}
 
 

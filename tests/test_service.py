@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobs.states import TERMINAL
 from tests.conftest import tiny_job_body
 
 pytestmark = pytest.mark.service
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import pyarrow.fs as pafs
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 
+from jobs.states import TERMINAL
 from jobs.storage import Storage, StorageError
 from tests.conftest import tiny_cfg
 
 BUCKET = "llm2slm-test"
-TERMINAL = ("succeeded", "failed", "cancelled")
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
