@@ -70,3 +70,12 @@ def test_the_rules_see_lazy_imports(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("def f():\n    from serve_app.app import app_builder\n    import torch.nn\n")
     assert {"serve_app.app", "serve_app.app.app_builder", "torch.nn"} <= imported_modules(src)
+
+
+def test_serve_app_and_jobs_use_only_the_torch_free_part_of_kd():
+    """The API process and the contract never load torch through kd."""
+    allowed = ("kd.config", "kd.fmt")
+    for package in ("serve_app", "jobs"):
+        for f in sorted((ROOT / package).rglob("*.py")):
+            kd_mods = [m for m in imported_modules(f) if m == "kd" or m.startswith("kd.")]
+            assert all(_hits(m, allowed) for m in kd_mods), (str(f.relative_to(ROOT)), kd_mods)
