@@ -206,3 +206,13 @@ def test_dockerfile_installs_the_pyproject_package_set():
     assert "USER ray" in dockerfile and "USER root" not in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"tests", ".git", "runs"} <= set(ignored)
+
+
+def test_dockerfile_copies_every_package():
+    """A package that pyproject installs but the image lacks fails only at run time."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in include["packages"]["find"]["include"]]
+    assert "jobs" in packages
+    for pkg in packages:
+        assert f"COPY --chown=ray:users {pkg} ./{pkg}" in dockerfile, pkg
