@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from kd import curves, data, evaluate  # noqa: E402
 from kd.config import DistillConfig, parse_overrides  # noqa: E402
-from kd.train import setup, train  # noqa: E402
+from kd.train import on_log, setup, train  # noqa: E402
 
 VARIANTS = {
     "kd": {},
@@ -119,7 +119,7 @@ def run_variant(
         print(json.dumps(rows[-1]), flush=True)
     t0 = time.perf_counter()
     history: list[dict] = []
-    train(run, report=history.append)
+    train(run, on_log(history.append))
     train_s = time.perf_counter() - t0
     after = evaluate_run(run, eval_blocks, eval_len)
     ref = {"teacher_ppl": after["teacher_ppl"]}

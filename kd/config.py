@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,10 +26,24 @@ EMBEDDED_DATASET = "embedded"
 DERIVED_STUDENT = "teacher"
 
 _DERIVED_RE = re.compile(r"^teacher(?::(?P<opts>.*))?$")
-_LAYER_SELECTIONS = ("uniform", "block_influence", "first")
 
 Objective = Literal["forward_kl", "reverse_kl", "jsd"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 LayerSelection = Literal["uniform", "block_influence", "first"]
+LAYER_SELECTIONS: tuple[str, ...] = get_args(LayerSelection)
+
+# The loss terms, defined once: each weight field of DistillConfig (also the field name
+# of kd.losses.LossWeights) and the short key its unweighted value is reported under
+# (metrics.json history, the progress lines, TensorBoard tags train/<key>).
+LOSS_TERMS: dict[str, str] = {
+    "alpha_kl": "kd",  # T²·D(p_T‖p_S)
+    "beta_ce": "ce",  # CE(student, argmax teacher)
+    "gamma_mse": "mse",  # MSE of the last hidden states
+    "delta_cos": "cos",  # 1 − cos of the last hidden states
+    "epsilon_attn": "attn",  # MSE of the last layer's attention maps
+    "lm_ce": "lm",  # CE(student, the data's next token)
+}
+LOSS_WEIGHTS: tuple[str, ...] = tuple(LOSS_TERMS)
 
 
 class DistillConfig(BaseModel):
@@ -177,18 +191,10 @@ class DistillConfig(BaseModel):
     def _cross_field(self) -> DistillConfig:
         problems: list[str] = []
         self._normalize_student(problems)
-        weights = dict(
-            alpha_kl=self.alpha_kl,
-            beta_ce=self.beta_ce,
-            gamma_mse=self.gamma_mse,
-            delta_cos=self.delta_cos,
-            epsilon_attn=self.epsilon_attn,
-            lm_ce=self.lm_ce,
-        )
-        if all(w == 0 for w in weights.values()):
+        if all(getattr(self, w) == 0 for w in LOSS_WEIGHTS):
             problems.append(
-                "alpha_kl, beta_ce, gamma_mse, delta_cos, epsilon_attn, lm_ce: all loss weights "
-                "are 0; set at least one above 0 (e.g. alpha_kl=1)"
+                f"{', '.join(LOSS_WEIGHTS)}: all loss weights are 0; set at least one above 0 "
+                "(e.g. alpha_kl=1)"
             )
         if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
             problems.append(
@@ -233,12 +239,12 @@ class DistillConfig(BaseModel):
             key, value = key.strip(), value.strip()
             if key == "layers" and value.isdigit() and int(value) >= 1:
                 self.student_layers = int(value)
-            elif key == "select" and value in _LAYER_SELECTIONS:
+            elif key == "select" and value in LAYER_SELECTIONS:
                 self.layer_selection = value  # type: ignore[assignment]
             else:
                 problems.append(
                     f"student_model: cannot read '{part}' in '{spec}'; expected "
-                    "'teacher:layers=N' optionally with ',select=uniform|block_influence|first'"
+                    f"'teacher:layers=N' optionally with ',select={'|'.join(LAYER_SELECTIONS)}'"
                 )
 
     # ---- helpers ------------------------------------------------------------------
@@ -257,16 +263,7 @@ class DistillConfig(BaseModel):
     @property
     def needs_teacher(self) -> bool:
         """False only for the no-teacher baseline (lm_ce alone): no teacher forward."""
-        return any(
-            w > 0
-            for w in (
-                self.alpha_kl,
-                self.beta_ce,
-                self.gamma_mse,
-                self.delta_cos,
-                self.epsilon_attn,
-            )
-        )
+        return any(getattr(self, w) > 0 for w in LOSS_WEIGHTS if w != "lm_ce")
 
     @property
     def tokens_per_step(self) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path, PurePosixPath
 
 from fastapi import HTTPException, Request
 
-from kd.config import DERIVED_STUDENT, EMBEDDED_DATASET, DistillConfig
+from jobs.paths import JobPaths, valid_job_id
+from jobs.spec import DERIVED_STUDENT, EMBEDDED_DATASET, DistillConfig
 from serve_app.settings import Settings
-from train_job.paths import JobPaths, valid_job_id
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 

@@ -5,7 +5,7 @@
 Runs unchanged under `ray job submit --working-dir . -- python -m train_job ...`
 (it joins that cluster) or standalone (it starts a local Ray). Running it again with
 the same --job-id resumes from the last checkpoint under <storage>/ray/<job-id>.
---storage and --config may be s3:// URIs (see train_job.storage for the S3 settings).
+--storage and --config may be s3:// URIs (see jobs.storage for the S3 settings).
 Exit code 0 on success, 1 when the job failed (the reason is printed and recorded),
 2 for an invalid config, job id or storage root (unreachable S3 endpoint, no bucket).
 """
@@ -19,9 +19,9 @@ import time
 import traceback
 from pathlib import Path
 
+from jobs.paths import RAY_KEY, JobPaths, new_job_id
+from jobs.storage import StorageError, is_uri, read_json_uri
 from kd.config import DistillConfig, load_config, parse_overrides
-from train_job.paths import RAY_KEY, JobPaths, new_job_id
-from train_job.storage import StorageError, is_uri, read_json_uri
 
 DEFAULT_STORAGE = os.environ.get("LLM2SLM_STORAGE", "llm2slm-storage")
 
