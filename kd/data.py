@@ -330,9 +330,11 @@ def read_source(
     elif path.is_dir() and (path / "dataset_dict.json").is_file():
         import datasets
 
-        docs = _records(_dataset_texts(datasets.load_from_disk(str(path))[split], wanted, None))
-    elif path.is_dir():
-        docs = _read_files((_split_files(path) or {})[split], path, wanted, separator)
+        saved = datasets.load_from_disk(str(path))[_base_split(split)]
+        docs = _records(_dataset_texts(saved, wanted, None))
+    elif path.is_dir():  # slicing ('train[:10%]') is for hub datasets; here: the whole split
+        files = (_split_files(path) or {})[_base_split(split)]
+        docs = _read_files(files, path, wanted, separator)
     else:
         docs = _records(_read_hub_split(name, subset, split, wanted, max_texts))
     docs = docs.cleaned(max_texts)
