@@ -234,14 +234,20 @@ def test_setup_fails_early_with_the_data_error(tmp_path, tiny_teacher):
         setup(cfg)
 
 
-def test_before_json_and_report_say_how_the_split_was_made(tmp_path, tiny_teacher, wiki):
-    from kd import pipeline, report
-    from kd.train import setup
+def test_every_artifact_says_how_the_split_was_made(tmp_path, tiny_teacher, wiki):
+    """before.json, metrics.json, report.json and report.md of a `python -m kd` run."""
+    from kd import cli
 
-    run = setup(tiny_cfg(tiny_teacher, wiki, eval_fraction=0.25, max_eval_blocks=2))
-    before = pipeline.evaluate_before(run, tmp_path)
-    on_disk = json.loads((tmp_path / pipeline.BEFORE).read_text())
-    assert on_disk["split"] == before["split"] == run.eval_data.split
-    assert on_disk["split"]["unit"] == "article" and on_disk["split"]["eval_documents"] == 3
-    md = "\n".join(report.split_lines(on_disk["split"]))
-    assert "Held-out data: 3 of 12 articles of" in md and "held out whole" in md
+    cfg = tiny_cfg(tiny_teacher, wiki, eval_fraction=0.25, max_steps=3, max_eval_blocks=2)
+    (tmp_path / "job.json").write_text(cfg.model_dump_json())
+    out = tmp_path / "run"
+    assert cli.main(["--config", str(tmp_path / "job.json"), "--out", str(out)]) == 0
+    split = json.loads((out / "before.json").read_text())["split"]
+    assert split["method"] == "held-out documents" and split["unit"] == "article"
+    assert split["train_documents"] == 9 and split["eval_documents"] == 3
+    assert len(split["eval_names"]) == 3 and split["eval_tokens"] > 0
+    assert json.loads((out / "metrics.json").read_text())["split"] == split
+    assert json.loads((out / "report.json").read_text())["split"] == split
+    md = (out / "report.md").read_text()
+    assert f"Held-out data: 3 of 12 articles of {wiki}, held out whole" in md
+    assert f"{split['eval_tokens']:,} tokens (held-out documents)" in md
