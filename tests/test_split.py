@@ -251,3 +251,24 @@ def test_every_artifact_says_how_the_split_was_made(tmp_path, tiny_teacher, wiki
     md = (out / "report.md").read_text()
     assert f"Held-out data: 3 of 12 articles of {wiki}, held out whole" in md
     assert f"{split['eval_tokens']:,} tokens (held-out documents)" in md
+
+
+def test_eval_dataset_is_held_to_the_servers_source_policy(tmp_path, wiki):
+    """eval_dataset is read like dataset, so the service checks it the same way."""
+    from serve_app.security import policy_problems
+    from serve_app.settings import Settings
+    from train_job.cli import preflight
+
+    settings = Settings(allowed_local_roots=[str(wiki.parent)], allow_hub_datasets=False)
+    ok = DistillConfig(dataset=str(wiki), eval_dataset=str(wiki.parent / "other.jsonl"))
+    assert policy_problems(ok, settings) == []
+    for value, words in (
+        ("/etc/passwd.txt", "outside the allowed roots"),
+        ("someone/dataset", "Hub sources are disabled"),
+    ):
+        cfg = DistillConfig(dataset=str(wiki), eval_dataset=value)
+        assert [(f, words in m) for f, m in policy_problems(cfg, settings)] == [
+            ("eval_dataset", True)
+        ]
+    with pytest.raises(DataError, match="eval_dataset path '/no/such.jsonl' does not exist"):
+        preflight(DistillConfig(dataset=str(wiki), eval_dataset="/no/such.jsonl"))
