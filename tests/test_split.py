@@ -272,3 +272,31 @@ def test_eval_dataset_is_held_to_the_servers_source_policy(tmp_path, wiki):
         ]
     with pytest.raises(DataError, match="eval_dataset path '/no/such.jsonl' does not exist"):
         preflight(DistillConfig(dataset=str(wiki), eval_dataset="/no/such.jsonl"))
+
+
+def test_a_hub_dataset_uses_its_validation_split(monkeypatch):
+    """The hub branch, with datasets' two hub calls stood in for (no network here)."""
+    import datasets
+
+    hub = {
+        "train": datasets.Dataset.from_list(_rows("train", 6)),
+        "validation": datasets.Dataset.from_list([{"note": f"valid qz{i}x ."} for i in range(2)]),
+    }
+    calls = []
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset: list(hub))
+
+    def load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return hub[split]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = DistillConfig(dataset="org/corpus", subset="en", eval_text_column="note")
+    s = plan_split(cfg)
+    assert calls == [("org/corpus", "en", "train"), ("org/corpus", "en", "validation")]
+    assert s.info["held_out_source"] == (
+        "the 'validation' split of org/corpus (the dataset's own, used by default)"
+    )
+    assert s.info["train_source"] == "org/corpus (split 'train')"
+    assert s.held.pieces == ["valid qz0x .", "valid qz1x ."] and len(s.train.pieces) == 6
+    with pytest.raises(DataError, match=r"split: 'dev' is not a split of 'org/corpus'"):
+        plan_split(DistillConfig(dataset="org/corpus", split="dev"))
