@@ -94,8 +94,39 @@ class DistillConfig(BaseModel):
         None, ge=1, le=100_000_000, description="Read at most this many documents."
     )
     max_seq_len: int = Field(256, ge=8, le=32768, description="Tokens per packed block.")
+    document_separator: Literal["auto", "heading", "blank_line", "none"] = Field(
+        "auto",
+        description="Documents of a plain-text file, the units held out whole: 'heading' "
+        "starts one at each '= Title =' line (wikitext articles; '= = Section = =' stays "
+        "inside); 'blank_line' makes every paragraph a document (only if paragraphs are "
+        "unrelated); 'none' holds out one contiguous span of paragraphs; 'auto': heading "
+        "if the file has 2+ such titles, else none.",
+    )
     eval_fraction: float = Field(
-        0.05, gt=0.0, lt=0.5, description="Share of packed blocks held out for evaluation."
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description="Share of documents (records, files, articles; paragraphs of the "
+        "contiguous span) held out for evaluation when no separate evaluation set is used.",
+    )
+    eval_dataset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="A separate dataset (any form `dataset` takes) for the held-out "
+        "numbers; then all of `dataset` trains. null: the dataset's validation/test split "
+        "if it has one, else documents of `dataset` held out whole.",
+    )
+    eval_subset: str | None = Field(None, max_length=256, description="eval_dataset config name.")
+    eval_split: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Split to evaluate on: of eval_dataset, or of dataset when eval_dataset "
+        "is null. null: 'validation', else 'test', when the dataset has named splits.",
+    )
+    eval_text_column: str | None = Field(
+        None, max_length=256, description="Text column of the held-out data; null: text_column."
     )
     max_eval_blocks: int = Field(
         16, ge=1, le=100_000, description="Held-out blocks used per evaluation."
@@ -180,7 +211,7 @@ class DistillConfig(BaseModel):
             raise ValueError("must be a finite number")
         return v
 
-    @field_validator("teacher_model", "student_model", "dataset")
+    @field_validator("teacher_model", "student_model", "dataset", "eval_dataset")
     @classmethod
     def _no_control_chars(cls, v: str | None) -> str | None:
         if v is not None and any(ord(c) < 32 for c in v):
@@ -200,6 +231,20 @@ class DistillConfig(BaseModel):
             problems.append(
                 f"warmup_steps: {self.warmup_steps} must be smaller than max_steps "
                 f"({self.max_steps})"
+            )
+        if self.eval_subset is not None and self.eval_dataset is None:
+            problems.append(
+                "eval_subset: applies to eval_dataset, which is not set; set eval_dataset or "
+                "drop eval_subset (subset names the config of dataset)"
+            )
+        if (
+            self.eval_dataset is None
+            and self.eval_split is not None
+            and (self.eval_split.split("[")[0].strip() == self.split.split("[")[0].strip())
+        ):
+            problems.append(
+                f"eval_split: '{self.eval_split}' is the training split too; choose another "
+                "split of dataset, or set eval_dataset"
             )
         if self.use_qat:
             problems.append(

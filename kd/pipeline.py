@@ -46,6 +46,7 @@ def evaluate_before(run: Run, out: Path) -> dict:
     before = evaluate.compare(run.teacher, run.student, run.eval_data, **eval_kwargs(run))
     run.student.train(was)
     before["student_selection"] = run.selection
+    before["split"] = run.eval_data.split  # how the held-out data was chosen
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, before)
     return before
@@ -85,6 +86,7 @@ def finalize(
         "train_seconds": train_seconds,
         "wall_seconds": time.time() - started,
         "student_selection": before.get("student_selection", run.selection),
+        "split": before.get("split", run.eval_data.split),
         "history": history,
     }
     metrics.update(extra or {})
@@ -144,6 +146,7 @@ def write_report(run: Run, plain, out: Path, written: dict[str, Path], metrics: 
         "config": run.cfg.model_dump(mode="json"),
         "steps": metrics["steps"],
         "eval_tokens": metrics["eval_tokens"],
+        "split": metrics.get("split", {}),
         "quality": {
             k: metrics[k]
             for k in (

@@ -82,6 +82,21 @@ def param_summary(teacher: nn.Module, student: nn.Module) -> dict:
     }
 
 
+def split_lines(split: dict) -> list[str]:
+    """Markdown lines that say where the held-out numbers come from."""
+    if not split:
+        return []
+    lines = [f"Held-out data: {split['held_out_source']}."]
+    if "train_tokens" in split:
+        unit = split.get("unit", "document")
+        lines.append(
+            f"Training: {split['train_documents']:,} {unit}(s), {split['train_tokens']:,} "
+            f"tokens; held out: {split['eval_documents']:,} {unit}(s), "
+            f"{split['eval_tokens']:,} tokens ({split['method']})."
+        )
+    return [" ".join(lines), ""]
+
+
 def render_markdown(report: dict) -> str:
     m, sz, sp = report["quality"], report["size"], report["speed"]
     lines = [
@@ -93,6 +108,7 @@ def render_markdown(report: dict) -> str:
         "",
         "## Quality (held-out)",
         "",
+        *split_lines(report.get("split") or {}),
         "| model | perplexity | top-1 agreement with teacher | KL(teacher‖model) / token |",
         "|---|---|---|---|",
         f"| teacher | {fmt(m['teacher_ppl'])} | 1 | 0 |",

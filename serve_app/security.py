@@ -70,6 +70,8 @@ def policy_problems(cfg: DistillConfig, settings: Settings) -> list[tuple[str, s
     ]
     if not cfg.derives_student:
         checks.append(("student_model", cfg.student_model, settings.allow_hub_models))
+    if cfg.eval_dataset is not None:  # read like dataset, so held to the same policy
+        checks.append(("eval_dataset", cfg.eval_dataset, settings.allow_hub_datasets))
     for field, value, hub_ok in checks:
         msg = _check_source(field, value, settings, hub_ok)
         if msg:

@@ -74,10 +74,12 @@ def preflight(cfg: DistillConfig) -> None:
                 AutoConfig.from_pretrained(name)
             except Exception as e:
                 raise ModelLoadError(f"cannot load model '{name}': {e}") from e
-    ds = cfg.dataset
-    local = ds.startswith(("/", "./", "../", "~")) or ds.endswith(LOCAL_SUFFIXES)
-    if ds != EMBEDDED_DATASET and local and not Path(ds).expanduser().exists():
-        raise DataError(f"dataset path '{ds}' does not exist")
+    for field, ds in (("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset)):
+        if ds is None:
+            continue
+        local = ds.startswith(("/", "./", "../", "~")) or ds.endswith(LOCAL_SUFFIXES)
+        if ds != EMBEDDED_DATASET and local and not Path(ds).expanduser().exists():
+            raise DataError(f"{field} path '{ds}' does not exist")
 
 
 def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, trust: bool):
