@@ -17,6 +17,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The pure-torch and contract tests: everything that starts no Ray (see README for its time).
+test-fast:
+	$(PY) -m pytest -q -m "not ray"
+
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from kd.config import DistillConfig
 from kd.memory_plan import GIB, gib, plan_memory
-from kd.model_files import ModelFiles, read_model
+from kd.model_files import ModelFiles, ModelFilesError, read_model
 
 # Memory a worker process holds before any model: Python, torch, transformers, the
 # tokenizer and the data (RSS measured after `import kd.train` on CPU, ~0.6 GiB).
@@ -291,6 +291,36 @@ def preflight(
     if problems and refuse:
         raise PreflightError(problems, plan)
     return plan
+
+
+def cluster_check(cfg: DistillConfig, nodes: list[dict] | None) -> dict:
+    """The plan for `cfg` on a Ray cluster whose `ray.nodes()` are `nodes` (None: not
+    connected, nothing to compare with). Raises PreflightError (tokenizers, memory) or
+    ModelFilesError (a model whose files cannot be read from here). The caller reads
+    the nodes, so kd stays Ray-free."""
+    if nodes is None:
+        budget = WorkerBudget(None, None, "a Ray worker (not connected to a cluster)")
+    else:  # Ray does not report GPU memory: a GPU job is checked against the host only
+        budget = WorkerBudget.from_ray_nodes(nodes, cfg)
+    return preflight(cfg, budget)
+
+
+def http_problems(cfg: DistillConfig, nodes: list[dict] | None) -> list[dict]:
+    """422 details for the API: one per problem, `loc` naming the field it starts with.
+
+    A model the server cannot read (a Hub id or a path only the workers reach) is not
+    refused here: the job's own preflight reports it where the files are.
+    """
+    try:
+        cluster_check(cfg, nodes)
+    except PreflightError as e:
+        return [
+            {"loc": ["body", p.split(":", 1)[0]], "msg": p, "type": "value_error"}
+            for p in e.problems
+        ]
+    except ModelFilesError:
+        return []
+    return []
 
 
 def summary(plan: dict) -> str:

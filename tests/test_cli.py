@@ -64,27 +64,10 @@ def deployed(ray_cluster, tmp_path_factory, tiny_teacher, corpus):
 
 
 @pytest.fixture(scope="module")
-def followed(deployed, tiny_teacher, corpus, tmp_path_factory):
+def followed(deployed, tiny_job, tmp_path_factory):
     """`llm2slm distill --config job.json --max-steps 6 --follow`, URL/token as flags."""
     cfg = tmp_path_factory.mktemp("cli-cfg") / "job.json"
-    cfg.write_text(
-        json.dumps(
-            dict(
-                teacher_model=str(tiny_teacher),
-                dataset=str(corpus),
-                max_seq_len=32,
-                per_device_batch_size=4,
-                warmup_steps=1,
-                logging_steps=1,
-                eval_every=2,
-                save_every=0,
-                max_eval_blocks=2,
-                student_layers=2,
-                export_onnx=False,
-                post_training_quant=False,
-            )
-        )
-    )
+    cfg.write_text(json.dumps(tiny_job(eval_every=2, save_every=0)))
     t0 = time.time()
     rc, out, err = cli(
         "--url", deployed["url"], "--token", TOKEN, "distill", "--config", str(cfg),

@@ -216,3 +216,13 @@ def test_shipped_crds_are_the_recorded_upstream_files():
     assert sorted(recorded) == sorted(f"ray.io_{k}.yaml" for k in KUBERAY_KINDS.values())
     for name, digest in recorded.items():
         assert hashlib.sha256((CRDS / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_dockerfile_copies_every_package():
+    """A package that pyproject installs but the image lacks fails only at run time."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in include["packages"]["find"]["include"]]
+    assert "jobs" in packages
+    for pkg in packages:
+        assert f"COPY --chown=ray:users {pkg} ./{pkg}" in dockerfile, pkg

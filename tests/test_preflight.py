@@ -146,13 +146,14 @@ def test_plan_counts_the_real_parameters_of_a_tiny_llama(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from kd import models
+    from kd.student import derive_student
     from tests.conftest import make_tiny_llama
 
     folder = make_tiny_llama(tmp_path / "m", tokenizer, layers=3, hidden=64)
     arch = read_model(str(folder)).arch
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert arch.params() == models.count_params(model)
-    student = models.derive_student(model, [0, 2])
+    student = derive_student(model, [0, 2])
     assert arch.with_layers(2).params() == models.count_params(student)
     lora = models.apply_lora(student, 4, 16.0, 0.0)
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
@@ -218,7 +219,7 @@ def test_python_m_kd_refuses_a_tokenizer_mismatch_before_loading(tmp_path, capsy
 
 
 def test_api_problems_name_the_field_without_a_cluster(tmp_path):
-    from train_job.cluster_preflight import http_problems
+    from serve_app.preflight import http_problems  # not connected: memory is not compared
 
     teacher = write_model(tmp_path / "t", TOKENS, 40)
     student = write_model(tmp_path / "s", [f"x{i}" for i in range(48)], 48)
