@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from kd import data, evaluate, models, width  # noqa: E402
 from kd.config import DistillConfig, parse_overrides  # noqa: E402
 from kd.shapes import Shape, candidate_shapes, parse_params, shape_params  # noqa: E402
+from kd.student import block_influence, derive_student, select_layers  # noqa: E402
 
 
 def machine() -> str:
@@ -57,7 +58,7 @@ def scoring(teacher, train_data, calib_blocks: int, batch_size: int) -> dict:
     imp = width.importance(teacher, calib)
     t_imp, c_imp = time.perf_counter() - t0, time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
-    influence = models.block_influence(teacher, calib)
+    influence = block_influence(teacher, calib)
     t_inf, c_inf = time.perf_counter() - t0, time.process_time() - c0
     return {
         "importance": imp,
@@ -74,9 +75,9 @@ def scoring(teacher, train_data, calib_blocks: int, batch_size: int) -> dict:
 def pruned(teacher, shape: Shape, sc: dict) -> torch.nn.Module:
     """The untrained student of `shape`: block-influence layers, then width by importance."""
     n = teacher.config.num_hidden_layers
-    layers = models.select_layers("block_influence", n, shape.layers, sc["influence"])
+    layers = select_layers("block_influence", n, shape.layers, sc["influence"])
     if not shape.prunes_width(Shape.of(teacher.config)):
-        return models.derive_student(teacher, layers)
+        return derive_student(teacher, layers)
     keep = width.select(sc["importance"], layers, shape, teacher.config.num_key_value_heads)
     return width.prune(teacher, keep)
 

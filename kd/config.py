@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,7 +26,6 @@ EMBEDDED_DATASET = "embedded"
 DERIVED_STUDENT = "teacher"
 
 _DERIVED_RE = re.compile(r"^teacher(?::(?P<opts>.*))?$")
-_LAYER_SELECTIONS = ("uniform", "block_influence", "first")
 
 # spec key -> DistillConfig field, for 'teacher:layers=N,hidden=H,...'
 _SIZE_KEYS = {
@@ -38,9 +37,21 @@ _SIZE_KEYS = {
 }
 
 
-def _params_ok(value: str) -> bool:
-    from kd.shapes import parse_params
+_PARAMS_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kKmMbB]?)\s*$")
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
+
+def parse_params(text: str | int) -> int:
+    """'60M' -> 60_000_000; also 'K', 'B', decimals ('1.5B') and plain integers."""
+    if isinstance(text, int):
+        return text
+    m = _PARAMS_RE.match(str(text))
+    if m is None:
+        raise ValueError(f"'{text}' is not a parameter count; write e.g. 60M, 1.5B or 81000000")
+    return int(round(float(m.group("num")) * _UNITS[m.group("unit").lower()]))
+
+
+def _params_ok(value: str) -> bool:
     try:
         return parse_params(value) >= 1
     except ValueError:
@@ -48,7 +59,22 @@ def _params_ok(value: str) -> bool:
 
 
 Objective = Literal["forward_kl", "reverse_kl", "jsd"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 LayerSelection = Literal["uniform", "block_influence", "first"]
+LAYER_SELECTIONS: tuple[str, ...] = get_args(LayerSelection)
+
+# The loss terms, defined once: each weight field of DistillConfig (also the field name
+# of kd.losses.LossWeights) and the short key its unweighted value is reported under
+# (metrics.json history, the progress lines, TensorBoard tags train/<key>).
+LOSS_TERMS: dict[str, str] = {
+    "alpha_kl": "kd",  # T²·D(p_T‖p_S)
+    "beta_ce": "ce",  # CE(student, argmax teacher)
+    "gamma_mse": "mse",  # MSE of the last hidden states
+    "delta_cos": "cos",  # 1 − cos of the last hidden states
+    "epsilon_attn": "attn",  # MSE of the last layer's attention maps
+    "lm_ce": "lm",  # CE(student, the data's next token)
+}
+LOSS_WEIGHTS: tuple[str, ...] = tuple(LOSS_TERMS)
 
 
 class DistillConfig(BaseModel):
@@ -120,8 +146,39 @@ class DistillConfig(BaseModel):
         None, ge=1, le=100_000_000, description="Read at most this many documents."
     )
     max_seq_len: int = Field(256, ge=8, le=32768, description="Tokens per packed block.")
+    document_separator: Literal["auto", "heading", "blank_line", "none"] = Field(
+        "auto",
+        description="Documents of a plain-text file, the units held out whole: 'heading' "
+        "starts one at each '= Title =' line (wikitext articles; '= = Section = =' stays "
+        "inside); 'blank_line' makes every paragraph a document (only if paragraphs are "
+        "unrelated); 'none' holds out one contiguous span of paragraphs; 'auto': heading "
+        "if the file has 2+ such titles, else none.",
+    )
     eval_fraction: float = Field(
-        0.05, gt=0.0, lt=0.5, description="Share of packed blocks held out for evaluation."
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description="Share of documents (records, files, articles; paragraphs of the "
+        "contiguous span) held out for evaluation when no separate evaluation set is used.",
+    )
+    eval_dataset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="A separate dataset (any form `dataset` takes) for the held-out "
+        "numbers; then all of `dataset` trains. null: the dataset's validation/test split "
+        "if it has one, else documents of `dataset` held out whole.",
+    )
+    eval_subset: str | None = Field(None, max_length=256, description="eval_dataset config name.")
+    eval_split: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Split to evaluate on: of eval_dataset, or of dataset when eval_dataset "
+        "is null. null: 'validation', else 'test', when the dataset has named splits.",
+    )
+    eval_text_column: str | None = Field(
+        None, max_length=256, description="Text column of the held-out data; null: text_column."
     )
     max_eval_blocks: int = Field(
         16, ge=1, le=100_000, description="Held-out blocks used per evaluation."
@@ -210,12 +267,10 @@ class DistillConfig(BaseModel):
     @classmethod
     def _params_text(cls, v: object) -> object:
         if isinstance(v, str):
-            from kd.shapes import parse_params
-
             return parse_params(v)
         return v
 
-    @field_validator("teacher_model", "student_model", "dataset")
+    @field_validator("teacher_model", "student_model", "dataset", "eval_dataset")
     @classmethod
     def _no_control_chars(cls, v: str | None) -> str | None:
         if v is not None and any(ord(c) < 32 for c in v):
@@ -227,23 +282,29 @@ class DistillConfig(BaseModel):
         problems: list[str] = []
         self._normalize_student(problems)
         self._check_shape_fields(problems)
-        weights = dict(
-            alpha_kl=self.alpha_kl,
-            beta_ce=self.beta_ce,
-            gamma_mse=self.gamma_mse,
-            delta_cos=self.delta_cos,
-            epsilon_attn=self.epsilon_attn,
-            lm_ce=self.lm_ce,
-        )
-        if all(w == 0 for w in weights.values()):
+        if all(getattr(self, w) == 0 for w in LOSS_WEIGHTS):
             problems.append(
-                "alpha_kl, beta_ce, gamma_mse, delta_cos, epsilon_attn, lm_ce: all loss weights "
-                "are 0; set at least one above 0 (e.g. alpha_kl=1)"
+                f"{', '.join(LOSS_WEIGHTS)}: all loss weights are 0; set at least one above 0 "
+                "(e.g. alpha_kl=1)"
             )
         if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
             problems.append(
                 f"warmup_steps: {self.warmup_steps} must be smaller than max_steps "
                 f"({self.max_steps})"
+            )
+        if self.eval_subset is not None and self.eval_dataset is None:
+            problems.append(
+                "eval_subset: applies to eval_dataset, which is not set; set eval_dataset or "
+                "drop eval_subset (subset names the config of dataset)"
+            )
+        if (
+            self.eval_dataset is None
+            and self.eval_split is not None
+            and (self.eval_split.split("[")[0].strip() == self.split.split("[")[0].strip())
+        ):
+            problems.append(
+                f"eval_split: '{self.eval_split}' is the training split too; choose another "
+                "split of dataset, or set eval_dataset"
             )
         if self.use_qat:
             problems.append(
@@ -285,15 +346,13 @@ class DistillConfig(BaseModel):
             if key in _SIZE_KEYS and value.isdigit() and int(value) >= 1:
                 setattr(self, _SIZE_KEYS[key], int(value))
             elif key == "params" and _params_ok(value):
-                from kd.shapes import parse_params
-
                 self.student_params = parse_params(value)
-            elif key == "select" and value in _LAYER_SELECTIONS:
+            elif key == "select" and value in LAYER_SELECTIONS:
                 self.layer_selection = value  # type: ignore[assignment]
             else:
                 problems.append(
                     f"student_model: cannot read '{part}' in '{spec}'; expected "
-                    "'teacher:layers=N' optionally with ',select=uniform|block_influence|first'"
+                    f"'teacher:layers=N' optionally with ',select={'|'.join(LAYER_SELECTIONS)}'"
                     ", and width sizes 'hidden=H,ffn=F,heads=A,kv_heads=K', or a budget "
                     "'params=60M' alone"
                 )
@@ -336,16 +395,7 @@ class DistillConfig(BaseModel):
     @property
     def needs_teacher(self) -> bool:
         """False only for the no-teacher baseline (lm_ce alone): no teacher forward."""
-        return any(
-            w > 0
-            for w in (
-                self.alpha_kl,
-                self.beta_ce,
-                self.gamma_mse,
-                self.delta_cos,
-                self.epsilon_attn,
-            )
-        )
+        return any(getattr(self, w) > 0 for w in LOSS_WEIGHTS if w != "lm_ce")
 
     @property
     def tokens_per_step(self) -> int:

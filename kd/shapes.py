@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import asdict, dataclass, replace
 
-_PARAMS_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kKmMbB]?)\s*$")
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+from kd.config import parse_params  # noqa: F401  (re-exported: shapes are given as '60M')
 
 
 @dataclass(frozen=True)
@@ -58,16 +56,6 @@ class Shape:
 
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def parse_params(text: str | int) -> int:
-    """'60M' -> 60_000_000; also 'K', 'B', decimals ('1.5B') and plain integers."""
-    if isinstance(text, int):
-        return text
-    m = _PARAMS_RE.match(str(text))
-    if m is None:
-        raise ValueError(f"'{text}' is not a parameter count; write e.g. 60M, 1.5B or 81000000")
-    return int(round(float(m.group("num")) * _UNITS[m.group("unit").lower()]))
 
 
 def count_params(config) -> int:

@@ -152,7 +152,7 @@ def test_importance_ignores_padding(teacher):
 
 # ---- save / load / export ---------------------------------------------------------
 def test_save_load_and_onnx_parity(tmp_path):
-    from kd.export import OnnxLM, export_onnx
+    from kd.exports.onnx import OnnxLM, export_onnx
 
     t = _llama(tied=True)
     imp = width.importance(t, _batches())
@@ -249,7 +249,8 @@ def test_spec_and_budget_parsing(tiny_teacher):
 
 # ---- the training loop ------------------------------------------------------------------
 def test_width_pruned_student_trains_resumes_and_reports(tiny_teacher, corpus):
-    from kd.train import load_state_dict, setup, state_dict, train
+    from kd.state import load_state_dict, state_dict
+    from kd.train import setup, train
     from tests.conftest import tiny_cfg
 
     spec = "teacher:layers=3,hidden=48,ffn=96,heads=2,kv_heads=1"
