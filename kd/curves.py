@@ -17,14 +17,17 @@ import logging
 import os
 from pathlib import Path
 
+from kd.config import LOSS_TERMS
+
 log = logging.getLogger(__name__)
 
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
 # Keys of a history row that are not loss parts.
 NOT_LOSS = {"step", "lr", "tokens_per_s", "epoch", "grad_norm", "eval_ppl"}
-# Loss parts in a stable order (the total first); any other part follows.
-PART_ORDER = ["loss", "kd", "ce", "lm", "mse", "cos", "attn"]
+# Loss parts in a stable order (the total first, then kd.config.LOSS_TERMS' keys); any
+# other part follows.
+PART_ORDER = ["loss", *LOSS_TERMS.values()]
 
 
 def loss_parts(history: list[dict]) -> list[str]:
