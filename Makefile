@@ -1,8 +1,10 @@
 # The README's commands. `make demo` and `make test` install what they need first.
 PY ?= python3
-PIP := $(PY) -m pip install -q
+# constraints.txt pins every package to the version the test suite passed with
+# (regenerate it with `make lock`); pyproject.toml keeps the compatible ranges.
+PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint lock
 
 install:
 	$(PIP) torch==2.13.0            # the CPU build; an unpinned torch pulls CUDA wheels
@@ -15,5 +17,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The pure-torch and contract tests: everything that starts no Ray (see README for its time).
+test-fast:
+	$(PY) -m pytest -q -m "not ray"
+
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+lock:
+	PY=$(PY) bash scripts/lock.sh

@@ -81,12 +81,13 @@ def reset_peak_rss() -> None:
 
 def load_models(args, eager: bool):
     from kd import models
+    from kd import student as kd_student
 
     teacher, tok = models.load_model_and_tokenizer(
         args.teacher, attn_implementation="eager" if eager else None
     )
     n = len(models.decoder_layers(teacher))
-    student = models.derive_student(teacher, models.uniform_layers(n, args.student_layers))
+    student = kd_student.derive_student(teacher, kd_student.uniform_layers(n, args.student_layers))
     if eager:
         models.set_eager_attention(student)
     teacher.eval().requires_grad_(False)
@@ -121,8 +122,8 @@ def ours_step(teacher_fwd, student_fwd, opt, batch, weights, lazy: bool):
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        t_logits, t_hidden, _ = teacher_fwd(ids, mask, lazy_logits=lazy)
-    s_logits, s_hidden, _ = student_fwd(ids, mask, lazy_logits=lazy)
+        t_logits, t_hidden, _ = teacher_fwd(ids, mask, fused_lm_head=lazy)
+    s_logits, s_hidden, _ = student_fwd(ids, mask, fused_lm_head=lazy)
     loss, _ = hybrid_loss(
         s_logits, t_logits, mask, weights, student_hidden=s_hidden, teacher_hidden=t_hidden
     )
@@ -181,7 +182,7 @@ def run_one(args) -> dict:
     )
     if ours:
         weights = LossWeights(
-            alpha_kl=1.0, beta_ce=0.1, delta_cos=0.1, temperature=2.0, chunk_size=args.chunk
+            alpha_kl=1.0, beta_ce=0.1, delta_cos=0.1, temperature=2.0, loss_chunk_tokens=args.chunk
         )
         t_fwd, s_fwd = models.DistillForward(teacher), models.DistillForward(student)
 

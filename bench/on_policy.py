@@ -106,8 +106,15 @@ def child_ours(args) -> dict:
     cfg = make_config(args, ROWS[args.child])
     run = setup(cfg, kept_layers=args.kept)
     history: list[dict] = []
+    run.cfg.logging_steps = 1  # an event per step: one history row each, and the clock
+
+    def on_event(event) -> None:
+        history.append(event.metrics)
+        if time.perf_counter() - t0 > args.budget_s:
+            run.cfg.max_steps = run.step  # the loop stops here: equal wall-clock budgets
+
     t0 = time.perf_counter()
-    train(run, report=history.append, should_stop=lambda: time.perf_counter() - t0 > args.budget_s)
+    train(run, on_event)
     wall = time.perf_counter() - t0
     rollout = sum(h["rollout_s"] for h in history)
     out = {

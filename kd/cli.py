@@ -20,8 +20,13 @@ import torch
 
 from kd import pipeline
 from kd.config import load_config
-from kd.export import write_json
-from kd.train import Run, load_state_dict, setup, state_dict, train
+from kd.exports import write_json
+from kd.fmt import metric_line
+from kd.model_files import ModelFilesError
+from kd.preflight import PreflightError, preflight
+from kd.preflight import summary as preflight_summary
+from kd.state import load_state_dict, state_dict
+from kd.train import Event, Run, setup, train
 
 CKPT = "checkpoint"
 
@@ -51,16 +56,6 @@ def save_checkpoint(run: Run, out: Path) -> None:
     write_json(folder / "distill_config.json", run.cfg.model_dump(mode="json"))
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-    keys = ["step", "loss", "kd", "ce", "mse", "cos", "attn", "lr", "grad_norm", "tokens_per_s"]
-    parts = []
-    for k in keys + [k for k in metrics if k not in keys and k != "epoch"]:
-        if k in metrics:
-            v = metrics[k]
-            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    return " ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -71,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # pydantic lists every problem with its field
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
+    try:  # tokenizers and memory, from config files only, before anything is loaded
+        plan = preflight(cfg)
+    except (PreflightError, ModelFilesError) as e:
+        print(f"preflight refused the job: {e}", file=sys.stderr)
+        return 2
+    print(preflight_summary(plan))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data: {len(run.train_data)} training blocks, {len(run.eval_data)} held-out blocks "
         f"of {cfg.max_seq_len} tokens"
     )
-    before = pipeline.evaluate_before(run, out)
+    before = pipeline.evaluate_before(run, out, preflight=plan)
     print(
         f"held-out perplexity: teacher {before['teacher_ppl']:.2f}, "
         f"student before training {before['student_ppl']:.2f}"
@@ -99,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed from {ckpt_path} at step {run.step}")
     history: list[dict[str, float]] = []
 
-    def report(m: dict[str, float]) -> None:
-        history.append(dict(m))
-        print(f"[train] {_fmt(m)}", flush=True)
+    def on_event(event: Event) -> None:
+        if event.due.log:
+            history.append(dict(event.metrics))
+            print(f"[train] {metric_line(event.metrics)}", flush=True)
+        if event.due.save:
+            save_checkpoint(run, out)
 
     t_train = time.perf_counter()
-    train(run, report=report, checkpoint=lambda r: save_checkpoint(r, out))
+    train(run, on_event)
     train_s = time.perf_counter() - t_train
     metrics = pipeline.finalize(run, out, before, history, train_s, started)
     print(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,10 +26,55 @@ EMBEDDED_DATASET = "embedded"
 DERIVED_STUDENT = "teacher"
 
 _DERIVED_RE = re.compile(r"^teacher(?::(?P<opts>.*))?$")
-_LAYER_SELECTIONS = ("uniform", "block_influence", "first")
+
+# spec key -> DistillConfig field, for 'teacher:layers=N,hidden=H,...'
+_SIZE_KEYS = {
+    "layers": "student_layers",
+    "hidden": "student_hidden",
+    "ffn": "student_ffn",
+    "heads": "student_heads",
+    "kv_heads": "student_kv_heads",
+}
+
+
+_PARAMS_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kKmMbB]?)\s*$")
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def parse_params(text: str | int) -> int:
+    """'60M' -> 60_000_000; also 'K', 'B', decimals ('1.5B') and plain integers."""
+    if isinstance(text, int):
+        return text
+    m = _PARAMS_RE.match(str(text))
+    if m is None:
+        raise ValueError(f"'{text}' is not a parameter count; write e.g. 60M, 1.5B or 81000000")
+    return int(round(float(m.group("num")) * _UNITS[m.group("unit").lower()]))
+
+
+def _params_ok(value: str) -> bool:
+    try:
+        return parse_params(value) >= 1
+    except ValueError:
+        return False
+
 
 Objective = Literal["forward_kl", "reverse_kl", "jsd"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 LayerSelection = Literal["uniform", "block_influence", "first"]
+LAYER_SELECTIONS: tuple[str, ...] = get_args(LayerSelection)
+
+# The loss terms, defined once: each weight field of DistillConfig (also the field name
+# of kd.losses.LossWeights) and the short key its unweighted value is reported under
+# (metrics.json history, the progress lines, TensorBoard tags train/<key>).
+LOSS_TERMS: dict[str, str] = {
+    "alpha_kl": "kd",  # T²·D(p_T‖p_S)
+    "beta_ce": "ce",  # CE(student, argmax teacher)
+    "gamma_mse": "mse",  # MSE of the last hidden states
+    "delta_cos": "cos",  # 1 − cos of the last hidden states
+    "epsilon_attn": "attn",  # MSE of the last layer's attention maps
+    "lm_ce": "lm",  # CE(student, the data's next token)
+}
+LOSS_WEIGHTS: tuple[str, ...] = tuple(LOSS_TERMS)
 
 
 class DistillConfig(BaseModel):
@@ -52,10 +97,31 @@ class DistillConfig(BaseModel):
         None,
         max_length=512,
         description="Student: a Hugging Face id, a local folder or a .gguf file; null or "
-        "'teacher[:layers=N[,select=S]]' derives it from the teacher by keeping N layers.",
+        "'teacher[:layers=N[,select=S][,hidden=H,ffn=F,heads=A,kv_heads=K]]' or "
+        "'teacher:params=60M' derives it from the teacher (depth and width pruning).",
     )
     student_layers: int | None = Field(
         None, ge=1, le=1024, description="Layers kept in a derived student; null keeps half."
+    )
+    student_hidden: int | None = Field(
+        None, ge=1, le=1_000_000, description="Derived student's hidden size (width pruning)."
+    )
+    student_ffn: int | None = Field(
+        None, ge=1, le=10_000_000, description="Derived student's FFN (intermediate) size."
+    )
+    student_heads: int | None = Field(
+        None, ge=1, le=4096, description="Derived student's query heads (head_dim kept)."
+    )
+    student_kv_heads: int | None = Field(
+        None, ge=1, le=4096, description="Derived student's KV heads (whole GQA groups)."
+    )
+    student_params: int | None = Field(
+        None,
+        ge=1,
+        le=10**13,
+        description="Derived student's parameter budget (e.g. 60M); the shape is chosen "
+        "among depth, width and mixed candidates within ±3%. Excludes the other student_* "
+        "size fields.",
     )
     layer_selection: LayerSelection = Field(
         "block_influence",
@@ -80,8 +146,39 @@ class DistillConfig(BaseModel):
         None, ge=1, le=100_000_000, description="Read at most this many documents."
     )
     max_seq_len: int = Field(256, ge=8, le=32768, description="Tokens per packed block.")
+    document_separator: Literal["auto", "heading", "blank_line", "none"] = Field(
+        "auto",
+        description="Documents of a plain-text file, the units held out whole: 'heading' "
+        "starts one at each '= Title =' line (wikitext articles; '= = Section = =' stays "
+        "inside); 'blank_line' makes every paragraph a document (only if paragraphs are "
+        "unrelated); 'none' holds out one contiguous span of paragraphs; 'auto': heading "
+        "if the file has 2+ such titles, else none.",
+    )
     eval_fraction: float = Field(
-        0.05, gt=0.0, lt=0.5, description="Share of packed blocks held out for evaluation."
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description="Share of documents (records, files, articles; paragraphs of the "
+        "contiguous span) held out for evaluation when no separate evaluation set is used.",
+    )
+    eval_dataset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="A separate dataset (any form `dataset` takes) for the held-out "
+        "numbers; then all of `dataset` trains. null: the dataset's validation/test split "
+        "if it has one, else documents of `dataset` held out whole.",
+    )
+    eval_subset: str | None = Field(None, max_length=256, description="eval_dataset config name.")
+    eval_split: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Split to evaluate on: of eval_dataset, or of dataset when eval_dataset "
+        "is null. null: 'validation', else 'test', when the dataset has named splits.",
+    )
+    eval_text_column: str | None = Field(
+        None, max_length=256, description="Text column of the held-out data; null: text_column."
     )
     max_eval_blocks: int = Field(
         16, ge=1, le=100_000, description="Held-out blocks used per evaluation."
@@ -212,7 +309,14 @@ class DistillConfig(BaseModel):
             raise ValueError("must be a finite number")
         return v
 
-    @field_validator("teacher_model", "student_model", "dataset")
+    @field_validator("student_params", mode="before")
+    @classmethod
+    def _params_text(cls, v: object) -> object:
+        if isinstance(v, str):
+            return parse_params(v)
+        return v
+
+    @field_validator("teacher_model", "student_model", "dataset", "eval_dataset")
     @classmethod
     def _no_control_chars(cls, v: str | None) -> str | None:
         if v is not None and any(ord(c) < 32 for c in v):
@@ -223,23 +327,30 @@ class DistillConfig(BaseModel):
     def _cross_field(self) -> DistillConfig:
         problems: list[str] = []
         self._normalize_student(problems)
-        weights = dict(
-            alpha_kl=self.alpha_kl,
-            beta_ce=self.beta_ce,
-            gamma_mse=self.gamma_mse,
-            delta_cos=self.delta_cos,
-            epsilon_attn=self.epsilon_attn,
-            lm_ce=self.lm_ce,
-        )
-        if all(w == 0 for w in weights.values()):
+        self._check_shape_fields(problems)
+        if all(getattr(self, w) == 0 for w in LOSS_WEIGHTS):
             problems.append(
-                "alpha_kl, beta_ce, gamma_mse, delta_cos, epsilon_attn, lm_ce: all loss weights "
-                "are 0; set at least one above 0 (e.g. alpha_kl=1)"
+                f"{', '.join(LOSS_WEIGHTS)}: all loss weights are 0; set at least one above 0 "
+                "(e.g. alpha_kl=1)"
             )
         if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
             problems.append(
                 f"warmup_steps: {self.warmup_steps} must be smaller than max_steps "
                 f"({self.max_steps})"
+            )
+        if self.eval_subset is not None and self.eval_dataset is None:
+            problems.append(
+                "eval_subset: applies to eval_dataset, which is not set; set eval_dataset or "
+                "drop eval_subset (subset names the config of dataset)"
+            )
+        if (
+            self.eval_dataset is None
+            and self.eval_split is not None
+            and (self.eval_split.split("[")[0].strip() == self.split.split("[")[0].strip())
+        ):
+            problems.append(
+                f"eval_split: '{self.eval_split}' is the training split too; choose another "
+                "split of dataset, or set eval_dataset"
             )
         if self.use_qat:
             problems.append(
@@ -292,7 +403,8 @@ class DistillConfig(BaseModel):
             )
 
     def _normalize_student(self, problems: list[str]) -> None:
-        """Fold 'teacher:layers=N,select=S' into student_layers / layer_selection."""
+        """Fold 'teacher:layers=N,select=S,hidden=H,ffn=F,heads=A,kv_heads=K,params=P'
+        into the student_* fields and layer_selection."""
         spec = self.student_model
         if spec is None:
             self.student_model = DERIVED_STUDENT
@@ -307,15 +419,41 @@ class DistillConfig(BaseModel):
         for part in opts.split(","):
             key, _, value = part.partition("=")
             key, value = key.strip(), value.strip()
-            if key == "layers" and value.isdigit() and int(value) >= 1:
-                self.student_layers = int(value)
-            elif key == "select" and value in _LAYER_SELECTIONS:
+            if key in _SIZE_KEYS and value.isdigit() and int(value) >= 1:
+                setattr(self, _SIZE_KEYS[key], int(value))
+            elif key == "params" and _params_ok(value):
+                self.student_params = parse_params(value)
+            elif key == "select" and value in LAYER_SELECTIONS:
                 self.layer_selection = value  # type: ignore[assignment]
             else:
                 problems.append(
                     f"student_model: cannot read '{part}' in '{spec}'; expected "
-                    "'teacher:layers=N' optionally with ',select=uniform|block_influence|first'"
+                    f"'teacher:layers=N' optionally with ',select={'|'.join(LAYER_SELECTIONS)}'"
+                    ", and width sizes 'hidden=H,ffn=F,heads=A,kv_heads=K', or a budget "
+                    "'params=60M' alone"
                 )
+
+    def _check_shape_fields(self, problems: list[str]) -> None:
+        """A budget excludes explicit sizes; heads must split evenly over KV heads."""
+        sizes = {f: getattr(self, f) for f in _SIZE_KEYS.values()}
+        given = [f for f, v in sizes.items() if v is not None]
+        if self.student_params is not None and given:
+            problems.append(
+                f"student_params: give a parameter budget or explicit sizes ({', '.join(given)})"
+                ", not both; drop one"
+            )
+        width = [f for f in given if f != "student_layers"]
+        if (width or self.student_params is not None) and not self.derives_student:
+            problems.append(
+                f"{(width or ['student_params'])[0]}: size fields apply to a student derived "
+                "from the teacher; set student_model='teacher' or drop them"
+            )
+        heads, kv = self.student_heads, self.student_kv_heads
+        if heads is not None and kv is not None and heads % kv:
+            problems.append(
+                f"student_heads: {heads} is not a multiple of student_kv_heads={kv}; every "
+                "KV head serves the same number of query heads"
+            )
 
     # ---- helpers ------------------------------------------------------------------
     @property
@@ -333,16 +471,7 @@ class DistillConfig(BaseModel):
     @property
     def needs_teacher(self) -> bool:
         """False only for the no-teacher baseline (lm_ce alone): no teacher forward."""
-        return any(
-            w > 0
-            for w in (
-                self.alpha_kl,
-                self.beta_ce,
-                self.gamma_mse,
-                self.delta_cos,
-                self.epsilon_attn,
-            )
-        )
+        return any(getattr(self, w) > 0 for w in LOSS_WEIGHTS if w != "lm_ce")
 
     @property
     def generates(self) -> bool:

@@ -17,6 +17,8 @@ import logging
 import os
 from pathlib import Path
 
+from kd.config import LOSS_TERMS
+
 log = logging.getLogger(__name__)
 
 CURVES = "curves.png"
@@ -34,8 +36,9 @@ NOT_LOSS = {
     "train_s",
     "on_policy",
 }
-# Loss parts in a stable order (the total first); any other part follows.
-PART_ORDER = ["loss", "kd", "ce", "lm", "mse", "cos", "attn"]
+# Loss parts in a stable order (the total first, then kd.config.LOSS_TERMS' keys); any
+# other part follows.
+PART_ORDER = ["loss", *LOSS_TERMS.values()]
 
 
 def loss_parts(history: list[dict]) -> list[str]:

@@ -1,172 +1,179 @@
-"""Corpora, packing into fixed blocks, the held-out split, and deterministic order.
+"""The held-out split, packing into fixed blocks, and deterministic order.
 
-* `load_documents(cfg)` reads documents from the embedded corpus, a local file or
-  folder (.txt, .jsonl/.json, .csv, .parquet) or a Hugging Face dataset.
-* `split_documents` holds out whole documents (by seed), so no block that training
-  sees shares text with an evaluation block.
-* `pack` tokenizes, appends EOS after every document, concatenates and cuts into
-  [max_seq_len] blocks. Only the final block may be partial; its tail is padding with
-  attention_mask 0, so no token is lost and at most one block carries padding.
+* `kd.sources` reads `Documents` (re-exported here with `load_documents`, `DataError`):
+  text grouped into the units a split holds out whole, i.e. records of a table or
+  dataset, files of a folder, articles of a plain-text file ('= Title =' headings, as
+  in wikitext), or, when the text marks no documents, its paragraphs in order.
+* `plan_split` chooses the held-out data, so no block that training sees shares a
+  document with an evaluation block: `eval_dataset` if set; else the validation/test
+  split of a dataset that has one; else whole documents held out by seed (a seeded
+  sample, or one contiguous span when the text marks no documents).
+* `pack` tokenizes, appends EOS after every piece (record, paragraph), concatenates and
+  cuts into [max_seq_len] blocks. Only the final block may be partial; its tail is
+  padding with attention_mask 0, so no token is lost and at most one block carries
+  padding. `build_datasets` packs both sides and attaches the split's description.
 * `BlockSampler` yields a seeded permutation of blocks per epoch, sharded by rank, and
   can resume from any (epoch, position).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import random
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from kd.config import EMBEDDED_DATASET, DistillConfig
+from kd.config import DistillConfig
+from kd.sources import (  # noqa: F401  (re-exported: kd.data is where callers look)
+    LOCAL_SUFFIXES,
+    DataError,
+    Documents,
+    _read_hub,
+    available_splits,
+    base_split,
+    check_split,
+    heading_title,
+    load_documents,
+    load_train_documents,
+    read_source,
+)
 
-CORPUS_DIR = Path(__file__).parent / "corpus"
-PREFERRED_TEXT_COLUMNS = ("text", "content", "document", "body", "article", "story", "sentence")
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+EVAL_NAMES_SHOWN = 20  # held-out document names kept in the split description
 
-
-class DataError(ValueError):
-    """The dataset could not be read; the message names what was found and the fix."""
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------
-# Reading documents
+# The held-out split
 # ---------------------------------------------------------------------------------
-def detect_text_column(columns: list[str], sample: dict, wanted: str | None) -> str:
-    """The column to read text from: `wanted` if given, else a likely text column."""
-    if wanted is not None:
-        if wanted not in columns:
-            raise DataError(f"text_column '{wanted}' not found; the dataset has columns {columns}")
-        return wanted
-    for c in PREFERRED_TEXT_COLUMNS:
-        if c in columns and isinstance(sample.get(c), str):
-            return c
-    for c in columns:
-        if isinstance(sample.get(c), str):
-            return c
-    raise DataError(
-        f"no column holds text; the dataset has columns {columns}. Set text_column to the "
-        "column with the documents"
-    )
-
-
-def _records_to_texts(records: list[dict], wanted: str | None) -> list[str]:
-    if not records:
-        return []
-    col = detect_text_column(list(records[0].keys()), records[0], wanted)
-    return [r[col] for r in records if isinstance(r.get(col), str)]
-
-
-def _split_paragraphs(text: str) -> list[str]:
-    """Plain text: one document per blank-line separated paragraph."""
-    paras, cur = [], []
-    for line in text.splitlines():
-        if line.strip():
-            cur.append(line.rstrip())
-        elif cur:
-            paras.append("\n".join(cur))
-            cur = []
-    if cur:
-        paras.append("\n".join(cur))
-    return paras
-
-
-def _read_local_file(path: Path, wanted: str | None) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return _split_paragraphs(path.read_text(encoding="utf-8", errors="replace"))
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        return _records_to_texts(records, wanted)
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict):  # {"data": [...]} or column-oriented {"text": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) == 1 and lists[0] and isinstance(lists[0][0], dict):
-                data = lists[0]
-            elif lists:
-                keys = [k for k, v in data.items() if isinstance(v, list)]
-                rows = zip(*(data[k] for k in keys), strict=False)
-                data = [dict(zip(keys, row, strict=True)) for row in rows]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a list of records")
-        return _records_to_texts(data, wanted)
-    if suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        df = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-        records = df.to_dict(orient="records")
-        return _records_to_texts(records, wanted)
-    raise DataError(f"{path}: unsupported file type; use one of {LOCAL_SUFFIXES}")
-
-
-def _read_local(path: Path, wanted: str | None) -> list[str]:
-    if path.is_file():
-        return _read_local_file(path, wanted)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES)
-    if not files:
-        raise DataError(f"folder '{path}' holds no {', '.join(LOCAL_SUFFIXES)} files")
-    texts: list[str] = []
-    for f in files:
-        texts.extend(_read_local_file(f, wanted))
-    return texts
-
-
-def _read_hub(cfg: DistillConfig) -> list[str]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
-    except Exception as e:  # the hub raises many types; the message is what matters
+def held_out_indices(n: int, eval_fraction: float, seed: int, contiguous: bool) -> list[int]:
+    """Indices of the held-out groups: ceil(eval_fraction * n), at least 1 and at most
+    n - 1; a seeded sample, or one contiguous run at a seeded offset."""
+    if n < 2:
         raise DataError(
-            f"cannot load dataset '{cfg.dataset}' (subset={cfg.subset!r}, split={cfg.split!r}):"
-            f" {type(e).__name__}: {e}"
-        ) from e
-    if cfg.max_texts is not None:
-        ds = ds.select(range(min(cfg.max_texts, len(ds))))
-    sample = ds[0] if len(ds) else {}
-    col = detect_text_column(list(ds.column_names), sample, cfg.text_column)
-    return [t for t in ds[col] if isinstance(t, str)]
-
-
-def load_documents(cfg: DistillConfig) -> list[str]:
-    """Non-empty documents of the configured dataset, in source order."""
-    if cfg.dataset == EMBEDDED_DATASET:
-        texts = _read_local(CORPUS_DIR, cfg.text_column)
-    elif Path(cfg.dataset).expanduser().exists():
-        texts = _read_local(Path(cfg.dataset).expanduser(), cfg.text_column)
-    elif cfg.dataset.startswith(("/", "./", "../", "~")) or cfg.dataset.endswith(LOCAL_SUFFIXES):
-        raise DataError(f"dataset path '{cfg.dataset}' does not exist")
-    else:
-        texts = _read_hub(cfg)
-    texts = [t for t in texts if t and t.strip()]
-    if cfg.max_texts is not None:
-        texts = texts[: cfg.max_texts]
-    if not texts:
-        raise DataError(f"dataset '{cfg.dataset}' holds no non-empty text")
-    return texts
+            f"need at least 2 documents to hold one out for evaluation, got {n}; add "
+            "documents, or set eval_dataset to a separate evaluation set"
+        )
+    n_eval = min(max(1, math.ceil(eval_fraction * n)), n - 1)
+    rng = random.Random(seed)
+    if contiguous:
+        start = rng.randrange(n - n_eval + 1)
+        return list(range(start, start + n_eval))
+    order = list(range(n))
+    rng.shuffle(order)
+    return sorted(order[:n_eval])
 
 
 def split_documents(
     docs: list[str], eval_fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
-    """(train, held_out): a seeded shuffle of whole documents, at least one held out."""
-    if len(docs) < 2:
-        raise DataError(
-            f"need at least 2 documents to hold one out for evaluation, got {len(docs)}; "
-            "split the text into paragraphs (blank lines) or add documents"
+    """(train, held_out): a seeded sample of whole documents, at least one held out."""
+    held = set(held_out_indices(len(docs), eval_fraction, seed, contiguous=False))
+    return [d for i, d in enumerate(docs) if i not in held], [docs[i] for i in sorted(held)]
+
+
+@dataclass
+class Split:
+    """The documents on each side of the split and how it was made."""
+
+    train: Documents
+    held: Documents
+    info: dict
+
+
+def _plural(unit: str, n: int) -> str:
+    return unit if n == 1 else unit + "s"
+
+
+def _hold_out(cfg: DistillConfig, docs: Documents) -> Split:
+    n = len(docs.groups)
+    held = held_out_indices(n, cfg.eval_fraction, cfg.seed, docs.contiguous)
+    keep = sorted(set(range(n)) - set(held))
+    train = Documents([docs.groups[i] for i in keep], [docs.names[i] for i in keep], docs.unit)
+    ev = Documents([docs.groups[i] for i in held], [docs.names[i] for i in held], docs.unit)
+    how = f"seed {cfg.seed}, eval_fraction {cfg.eval_fraction}"
+    if docs.contiguous:
+        method = "held-out span"
+        source = (
+            f"one contiguous span of {len(held)} of {n} paragraphs of {cfg.dataset} "
+            f"(paragraphs {held[0] + 1}-{held[-1] + 1}; {how}); the text marks no documents, "
+            "so only the text at the span's two edges borders training text"
         )
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max(1, math.ceil(eval_fraction * len(docs))), len(docs) - 1)
-    held = sorted(order[:n_eval])
-    train = sorted(order[n_eval:])
-    return [docs[i] for i in train], [docs[i] for i in held]
+    else:
+        method = "held-out documents"
+        source = (
+            f"{len(held)} of {n} {_plural(docs.unit, n)} of {cfg.dataset}, held out whole ({how})"
+        )
+    info = {"method": method, "unit": docs.unit, "held_out_source": source}
+    info.update(seed=cfg.seed, eval_fraction=cfg.eval_fraction)
+    return Split(train, ev, info)
+
+
+def _default_eval_split(splits: list[str], train_split: str) -> str | None:
+    for name in ("validation", "valid", "val", "dev", "test"):
+        if name in splits and name != base_split(train_split):
+            return name
+    return None
+
+
+def _eval_from(cfg: DistillConfig, name: str, subset, splits, split) -> Documents:
+    if splits is None and split is not None:
+        raise DataError(
+            f"eval_split: '{name}' has no named splits (a file or a plain folder); drop "
+            "eval_split, or set eval_dataset to a dataset with splits"
+        )
+    if splits is not None:
+        check_split(name, split, splits, "eval_split")
+    column = cfg.eval_text_column or cfg.text_column
+    return read_source(name, subset, split, column, cfg.document_separator)
+
+
+def _separate_dataset(cfg: DistillConfig, docs: Documents, splits, train_name: str) -> Split:
+    ev_splits = available_splits(cfg.eval_dataset, cfg.eval_subset)
+    ev_split = cfg.eval_split
+    if ev_splits is not None and ev_split is None:
+        ev_split = _default_eval_split(ev_splits, "") or ev_splits[0]
+    same_split = ev_split is None or splits is None or base_split(ev_split) == cfg.split
+    if cfg.eval_dataset == cfg.dataset and cfg.eval_subset == cfg.subset and same_split:
+        raise DataError(
+            f"eval_dataset: '{cfg.eval_dataset}' is the training data itself; point it at "
+            "other data, or drop it to hold out documents of dataset"
+        )
+    held = _eval_from(cfg, cfg.eval_dataset, cfg.eval_subset, ev_splits, ev_split)
+    where = cfg.eval_dataset if ev_split is None else f"{cfg.eval_dataset} (split '{ev_split}')"
+    info = {"method": "separate dataset", "unit": held.unit, "held_out_source": where}
+    return Split(docs, held, {**info, "train_source": train_name})
+
+
+def plan_split(cfg: DistillConfig) -> Split:
+    """Training and held-out documents, from the first that applies: eval_dataset; the
+    eval_split (or else the validation/test split) of a dataset with named splits;
+    whole documents of the training source held out by seed."""
+    docs, splits = load_train_documents(cfg)
+    train_name = cfg.dataset if splits is None else f"{cfg.dataset} (split '{cfg.split}')"
+    if cfg.eval_dataset is not None:
+        return _separate_dataset(cfg, docs, splits, train_name)
+    ev_split = cfg.eval_split
+    if ev_split is None and splits is not None:
+        ev_split = _default_eval_split(splits, cfg.split)
+    if ev_split is None:
+        split = _hold_out(cfg, docs)
+        split.info["train_source"] = train_name
+        if docs.separator is not None:
+            split.info["document_separator"] = docs.separator
+        return split
+    if splits is not None and base_split(ev_split) == base_split(cfg.split):
+        raise DataError(
+            f"eval_split: '{ev_split}' is the training split too; choose another of {splits}"
+        )
+    held = _eval_from(cfg, cfg.dataset, cfg.subset, splits, ev_split)
+    chosen = "set by eval_split" if cfg.eval_split else "the dataset's own, used by default"
+    source = f"the '{ev_split}' split of {cfg.dataset} ({chosen})"
+    info = {"method": "dataset split", "unit": held.unit, "held_out_source": source}
+    return Split(docs, held, {**info, "train_source": train_name})
 
 
 # ---------------------------------------------------------------------------------
@@ -176,6 +183,7 @@ def split_documents(
 class Packed:
     input_ids: Tensor  # [N, L] long
     attention_mask: Tensor  # [N, L] long, 0 only in the tail of the last block
+    split: dict = field(default_factory=dict)  # how the split was made (build_datasets)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -216,13 +224,50 @@ def pack(docs: list[str], tokenizer, block_len: int, pad_id: int | None = None) 
     return Packed(ids, mask)
 
 
+# A derived student calibrates its layer selection (kd.train.build_student) on two
+# batches, blocks 0-1 and 2-3: with fewer than 3 blocks the second one is empty.
+MIN_BLOCKS_DERIVED = 3
+
+
+def check_enough_blocks(n_blocks: int, n_tokens: int, cfg: DistillConfig) -> None:
+    """Fail in data building, with the counts, when training could not run."""
+    need = {
+        "one micro-batch per worker (per_device_batch_size x num_workers)": (
+            cfg.per_device_batch_size * cfg.num_workers
+        )
+    }
+    if cfg.derives_student:
+        need["the layer selection of a derived student"] = MIN_BLOCKS_DERIVED
+    n_need = max(need.values())
+    if n_blocks >= n_need:
+        return
+    why = "; ".join(f"{v} for {k}" for k, v in need.items())
+    raise DataError(
+        f"the training split packs into {n_blocks} block(s) of max_seq_len={cfg.max_seq_len} "
+        f"tokens ({n_tokens} tokens); need at least {n_need} ({why}). Add data, lower "
+        "max_seq_len or per_device_batch_size, or hold out less (eval_fraction)"
+    )
+
+
 def build_datasets(cfg: DistillConfig, tokenizer) -> tuple[Packed, Packed]:
-    """(train, held_out) packed blocks for a job."""
-    train_docs, eval_docs = split_documents(load_documents(cfg), cfg.eval_fraction, cfg.seed)
-    train = pack(train_docs, tokenizer, cfg.max_seq_len)
-    held = pack(eval_docs, tokenizer, cfg.max_seq_len)
-    if len(train) == 0:
-        raise DataError("the training split is empty after packing; add data")
+    """(train, held_out) packed blocks for a job; both carry `split`, the description of
+    how the held-out data was chosen and how much is on each side."""
+    split = plan_split(cfg)
+    train = pack(split.train.pieces, tokenizer, cfg.max_seq_len)
+    held = pack(split.held.pieces, tokenizer, cfg.max_seq_len)
+    check_enough_blocks(len(train), train.n_tokens, cfg)
+    info = {
+        **split.info,
+        "train_documents": len(split.train.groups),
+        "eval_documents": len(split.held.groups),
+        "train_tokens": train.n_tokens,
+        "eval_tokens": held.n_tokens,
+        "train_blocks": len(train),
+        "eval_blocks": len(held),
+        "eval_names": split.held.names[:EVAL_NAMES_SHOWN],
+    }
+    train.split = held.split = info
+    log.info("held-out data: %s", info["held_out_source"])
     return train, held
 
 

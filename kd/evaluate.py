@@ -94,3 +94,16 @@ def compare(
         "kl_teacher_student": sums["kl"] / count,
         "eval_tokens": count,
     }
+
+
+@torch.no_grad()
+def logits_parity(reference, candidate, batches) -> dict[str, float]:
+    """Max |Δlogit| over real tokens and top-1 agreement of two logits functions."""
+    max_diff, agree, count = 0.0, 0, 0
+    for ids, mask in batches:
+        a, b = reference(ids, mask).float(), candidate(ids, mask).float()
+        real = mask.bool()
+        max_diff = max(max_diff, float((a - b).abs()[real].max()))
+        agree += int((a.argmax(-1) == b.argmax(-1))[real].sum())
+        count += int(real.sum())
+    return {"max_abs_logit_diff": max_diff, "top1_agreement": agree / max(count, 1)}

@@ -2,7 +2,13 @@
 
     L = α·T²·D(p_T^τ ‖ p_S^τ) + β·CE(student, argmax teacher)
         + γ·MSE(h_S, h_T) + δ·(1 − cos(h_S, h_T)) + ε·MSE(A_S, A_T)
-        + λ·CE(student, the data's next token)                       (λ = lm_ce)
+        + λ·CE(student, the data's next token)
+
+with (α, β, γ, δ, ε, λ) = (alpha_kl, beta_ce, gamma_mse, delta_cos, epsilon_attn, lm_ce): the
+`DistillConfig` fields, also the fields of `LossWeights`. `hybrid_loss` is the sum of three
+small functions: `vocabulary_terms` (α, β, λ), `hidden_state_terms` (γ, δ) and
+`attention_term` (ε). Each term's unweighted value is reported under its key in
+`kd.config.LOSS_TERMS` (alpha_kl -> "kd", beta_ce -> "ce", ..., lm_ce -> "lm").
 
 Conventions shared by every term:
 
@@ -11,22 +17,23 @@ Conventions shared by every term:
   when tokens t and t+1 are both real), `kd_divergence` takes an explicit mask.
 * Every term is averaged over real target tokens. D is summed over the vocabulary and
   then averaged over tokens (not "batchmean" over [B, L, V], which divides by B only).
-* Everything vocabulary-sized is computed in fp32 on token chunks with closed-form
-  gradients, from materialized logits or from hidden states + LM heads (`HeadInput`,
-  no [B, L, V] tensor at all): kd/vocab.py.
+* Everything vocabulary-sized is computed in fp32 on chunks of `loss_chunk_tokens`
+  tokens with closed-form gradients, from materialized logits or, with
+  `fused_lm_head`, from hidden states + LM heads (`FusedLMHead`: no [B, L, V] tensor at
+  all): kd/vocab.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd.config import LOSS_TERMS, OBJECTIVES
 from kd.vocab import (  # re-exported: the loss API lives in kd.losses
-    OBJECTIVES,
-    HeadInput,
+    FusedLMHead,
     _upcast,
     fused_vocab_terms,
     kd_divergence,
@@ -35,21 +42,25 @@ from kd.vocab import (  # re-exported: the loss API lives in kd.losses
 )
 
 __all__ = [
+    "LOSS_TERMS",
     "OBJECTIVES",
-    "HeadInput",
+    "FusedLMHead",
     "HiddenProjection",
     "LossWeights",
     "align_vocab",
     "attention_mse",
+    "attention_term",
     "fused_vocab_terms",
     "hidden_cosine",
     "hidden_mse",
+    "hidden_state_terms",
     "hybrid_loss",
     "kd_divergence",
     "lm_cross_entropy",
     "target_mask",
     "validate_objective",
     "vocab_terms",
+    "vocabulary_terms",
 ]
 
 
@@ -131,10 +142,6 @@ def align_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor,
     return student_logits[..., :v], teacher_logits[..., :v]
 
 
-def _materialize(logits: Tensor | HeadInput) -> Tensor:
-    return logits.materialize() if isinstance(logits, HeadInput) else logits
-
-
 def target_mask(attention_mask: Tensor, loss_mask: Tensor | None = None) -> Tensor:
     """[B, L] real-token mask -> [B, L] mask of positions whose next token is real.
 
@@ -151,8 +158,19 @@ def target_mask(attention_mask: Tensor, loss_mask: Tensor | None = None) -> Tens
     return out
 
 
+def next_tokens(input_ids: Tensor | None) -> Tensor:
+    """[B, L] tokens -> [B, L] labels: position t holds token t+1 (the last holds 0)."""
+    if input_ids is None:
+        raise ValueError("lm_ce > 0 needs input_ids (the data's next tokens)")
+    labels = torch.zeros_like(input_ids)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
 @dataclass(frozen=True)
 class LossWeights:
+    """The loss settings of a `DistillConfig`, under the same field names."""
+
     alpha_kl: float = 1.0
     beta_ce: float = 0.0
     gamma_mse: float = 0.0
@@ -162,27 +180,128 @@ class LossWeights:
     temperature: float = 2.0
     objective: str = "forward_kl"
     jsd_beta: float = 0.5
-    chunk_size: int | None = None
+    loss_chunk_tokens: int | None = None
 
     @classmethod
     def from_config(cls, cfg) -> LossWeights:  # cfg: kd.config.DistillConfig
-        return cls(
-            alpha_kl=cfg.alpha_kl,
-            beta_ce=cfg.beta_ce,
-            gamma_mse=cfg.gamma_mse,
-            delta_cos=cfg.delta_cos,
-            epsilon_attn=cfg.epsilon_attn,
-            lm_ce=cfg.lm_ce,
-            temperature=cfg.temperature,
-            objective=cfg.objective,
-            jsd_beta=cfg.jsd_beta,
-            chunk_size=cfg.loss_chunk_tokens,
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
+Term = tuple[Tensor, dict[str, Tensor]]  # (weighted sum, unweighted detached values by key)
+
+
+def _zero(like: Tensor) -> Tensor:
+    return torch.zeros((), device=like.device)
+
+
+def vocabulary_terms(
+    student_logits: Tensor | FusedLMHead,
+    teacher_logits: Tensor | FusedLMHead | None,
+    attention_mask: Tensor,
+    w: LossWeights,
+    input_ids: Tensor | None = None,
+    loss_mask: Tensor | None = None,
+) -> Term:
+    """α·T²·D(p_T‖p_S) + β·CE(student, argmax teacher) + λ·CE(student, data).
+
+    Args:
+        student_logits, teacher_logits: [B, L, V_S], [B, L, V_T] or `FusedLMHead`s
+            (hidden [B, L, H] + LM head [V, H]); with both fused every term, λ included,
+            is computed chunk by chunk and no logits tensor exists. teacher_logits may
+            be None when only λ is weighted (the no-teacher baseline).
+        attention_mask: [B, L], 1 for real tokens.
+        input_ids: [B, L], needed when lm_ce > 0.
+        loss_mask: [B, L], optional: only these target tokens count (`target_mask`).
+    """
+    tmask = target_mask(attention_mask, loss_mask)
+    total, parts = _zero(attention_mask), {}
+    fused_lm_head = isinstance(student_logits, FusedLMHead) and isinstance(
+        teacher_logits, FusedLMHead
+    )
+    lm_fused = fused_lm_head and w.lm_ce > 0
+    kw = dict(
+        temperature=w.temperature,
+        objective=w.objective,
+        jsd_beta=w.jsd_beta,
+        alpha_kl=w.alpha_kl,
+        beta_ce=w.beta_ce,
+        loss_chunk_tokens=w.loss_chunk_tokens,
+    )
+    if w.alpha_kl > 0 or w.beta_ce > 0 or lm_fused:
+        if teacher_logits is None:
+            raise ValueError("alpha_kl/beta_ce > 0 need the teacher's logits")
+        if fused_lm_head:
+            labels = next_tokens(input_ids) if lm_fused else None
+            total, kd, ce, lm = fused_vocab_terms(
+                student_logits, teacher_logits, tmask, labels=labels, lm_ce=w.lm_ce, **kw
+            )
+            if lm_fused:
+                parts[LOSS_TERMS["lm_ce"]] = lm
+        else:
+            s_logits, t_logits = align_vocab(_logits(student_logits), _logits(teacher_logits))
+            total, kd, ce = vocab_terms(s_logits, t_logits, tmask, **kw)
+        if w.alpha_kl > 0:
+            parts[LOSS_TERMS["alpha_kl"]] = kd
+        if w.beta_ce > 0:
+            parts[LOSS_TERMS["beta_ce"]] = ce
+    if w.lm_ce > 0 and not lm_fused:
+        if input_ids is None:
+            raise ValueError("lm_ce > 0 needs input_ids (the data's next tokens)")
+        lm = lm_cross_entropy(_logits(student_logits), input_ids, attention_mask, loss_mask)
+        total = total + w.lm_ce * lm
+        parts[LOSS_TERMS["lm_ce"]] = lm.detach()
+    return total, parts
+
+
+def hidden_state_terms(
+    student_hidden: Tensor | None,
+    teacher_hidden: Tensor | None,
+    attention_mask: Tensor,
+    w: LossWeights,
+    projection: nn.Module | None = None,
+) -> Term:
+    """γ·MSE(h_S, h_T) + δ·(1 − cos(h_S, h_T)) over real tokens.
+
+    student_hidden [B, L, H_S], teacher_hidden [B, L, H_T], attention_mask [B, L];
+    `projection` maps H_S to H_T when the widths differ.
+    """
+    total, parts = _zero(attention_mask), {}
+    if not (w.gamma_mse > 0 or w.delta_cos > 0):
+        return total, parts
+    if student_hidden is None or teacher_hidden is None:
+        raise ValueError("gamma_mse/delta_cos > 0 need student_hidden and teacher_hidden")
+    h_s, h_t = student_hidden, teacher_hidden.detach()
+    if projection is not None:
+        h_s = projection(h_s)
+    elif h_s.shape[-1] != h_t.shape[-1]:
+        raise ValueError(
+            f"student hidden size {h_s.shape[-1]} != teacher hidden size "
+            f"{h_t.shape[-1]}: pass a HiddenProjection"
         )
+    real = attention_mask.bool()
+    for weight, fn in (("gamma_mse", hidden_mse), ("delta_cos", hidden_cosine)):
+        if getattr(w, weight) > 0:
+            value = fn(h_s, h_t, real)
+            total = total + getattr(w, weight) * value
+            parts[LOSS_TERMS[weight]] = value.detach()
+    return total, parts
+
+
+def attention_term(
+    student_attn: Tensor | None, teacher_attn: Tensor | None, attention_mask: Tensor, w: LossWeights
+) -> Term:
+    """ε·MSE(A_S, A_T) of the last layer's attention maps [B, H, L, L] over real tokens."""
+    if not w.epsilon_attn > 0:
+        return _zero(attention_mask), {}
+    if student_attn is None or teacher_attn is None:
+        raise ValueError("epsilon_attn > 0 needs student_attn and teacher_attn (eager)")
+    value = attention_mse(student_attn, teacher_attn.detach(), attention_mask.bool())
+    return w.epsilon_attn * value, {LOSS_TERMS["epsilon_attn"]: value.detach()}
 
 
 def hybrid_loss(
-    student_logits: Tensor | HeadInput,
-    teacher_logits: Tensor | HeadInput | None,
+    student_logits: Tensor | FusedLMHead,
+    teacher_logits: Tensor | FusedLMHead | None,
     attention_mask: Tensor,
     weights: LossWeights,
     *,
@@ -194,98 +313,38 @@ def hybrid_loss(
     projection: nn.Module | None = None,
     loss_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The full hybrid objective.
+    """L = vocabulary terms + hidden-state terms + attention term (see the module doc).
 
     Args:
-        student_logits, teacher_logits: [B, L, V_S], [B, L, V_T] for the same input_ids,
-            or `HeadInput`s (hidden state + LM head): when both are, the logits are
-            computed chunk by chunk inside the loss and never materialized.
+        student_logits, teacher_logits: [B, L, V_S], [B, L, V_T] or `FusedLMHead`s.
         attention_mask: [B, L], 1 for real tokens.
-        input_ids: [B, L], needed only when lm_ce > 0 (next-token CE on the data).
-            teacher_logits may be None when only lm_ce is weighted.
-        student_hidden, teacher_hidden: last hidden states [B, L, H_S], [B, L, H_T];
-            needed when gamma_mse or delta_cos > 0.
-        student_attn, teacher_attn: last-layer attentions [B, H, L, L]; needed when
-            epsilon_attn > 0.
+        input_ids: [B, L], needed only when lm_ce > 0.
+        student_hidden, teacher_hidden: last hidden states [B, L, H_S], [B, L, H_T].
+        student_attn, teacher_attn: last-layer attentions [B, H, L, L].
         projection: maps H_S to H_T when the widths differ.
         loss_mask: [B, L], optional: 1 on the tokens that are targets (a generated
             continuation); the vocabulary terms and lm_ce count only those (see
             `target_mask`). The hidden-state and attention terms keep every real token.
     Returns:
-        (total, parts) where parts holds detached "kd", "ce", "mse", "cos", "attn" for
-        the active terms (unweighted) and "loss" (the weighted total).
+        (total, parts): parts holds the unweighted, detached value of each active term
+        under its `LOSS_TERMS` key ("kd", "ce", "lm", "mse", "cos", "attn") and "loss".
     """
-    w = weights
-    tmask = target_mask(attention_mask, loss_mask)
-    kw = dict(
-        temperature=w.temperature,
-        objective=w.objective,
-        beta=w.jsd_beta,
-        w_kd=w.alpha_kl,
-        w_ce=w.beta_ce,
-        chunk_size=w.chunk_size,
+    vocab, parts = vocabulary_terms(
+        student_logits, teacher_logits, attention_mask, weights, input_ids, loss_mask
     )
-    parts: dict[str, Tensor] = {}
-    total = torch.zeros((), device=attention_mask.device)
-    fused = isinstance(student_logits, HeadInput) and isinstance(teacher_logits, HeadInput)
-    lm_fused = fused and w.lm_ce > 0
-    if w.alpha_kl > 0 or w.beta_ce > 0 or lm_fused:
-        if teacher_logits is None:
-            raise ValueError("alpha_kl/beta_ce > 0 need the teacher's logits")
-        if fused:
-            labels = None
-            if lm_fused:
-                if input_ids is None:
-                    raise ValueError("lm_ce > 0 needs input_ids (the data's next tokens)")
-                labels = torch.zeros_like(input_ids)
-                labels[:, :-1] = input_ids[:, 1:]  # position t predicts token t+1
-            total, kd, ce, lm = fused_vocab_terms(
-                student_logits, teacher_logits, tmask, labels=labels, w_lm=w.lm_ce, **kw
-            )
-            if lm_fused:
-                parts["lm"] = lm
-        else:
-            s_logits = _materialize(student_logits)
-            s_logits, t_logits = align_vocab(s_logits, _materialize(teacher_logits))
-            total, kd, ce = vocab_terms(s_logits, t_logits, tmask, **kw)
-        if w.alpha_kl > 0:
-            parts["kd"] = kd
-        if w.beta_ce > 0:
-            parts["ce"] = ce
-    if w.lm_ce > 0 and not lm_fused:
-        if input_ids is None:
-            raise ValueError("lm_ce > 0 needs input_ids (the data's next tokens)")
-        lm = lm_cross_entropy(_materialize(student_logits), input_ids, attention_mask, loss_mask)
-        total = total + w.lm_ce * lm
-        parts["lm"] = lm.detach()
-    if w.gamma_mse > 0 or w.delta_cos > 0:
-        if student_hidden is None or teacher_hidden is None:
-            raise ValueError("gamma_mse/delta_cos > 0 need student_hidden and teacher_hidden")
-        h_s = student_hidden
-        if projection is not None:
-            h_s = projection(h_s)
-        elif h_s.shape[-1] != teacher_hidden.shape[-1]:
-            raise ValueError(
-                f"student hidden size {h_s.shape[-1]} != teacher hidden size "
-                f"{teacher_hidden.shape[-1]}: pass a HiddenProjection"
-            )
-        real = attention_mask.bool()
-        if w.gamma_mse > 0:
-            mse = hidden_mse(h_s, teacher_hidden.detach(), real)
-            total = total + w.gamma_mse * mse
-            parts["mse"] = mse.detach()
-        if w.delta_cos > 0:
-            cos = hidden_cosine(h_s, teacher_hidden.detach(), real)
-            total = total + w.delta_cos * cos
-            parts["cos"] = cos.detach()
-    if w.epsilon_attn > 0:
-        if student_attn is None or teacher_attn is None:
-            raise ValueError("epsilon_attn > 0 needs student_attn and teacher_attn (eager)")
-        att = attention_mse(student_attn, teacher_attn.detach(), attention_mask.bool())
-        total = total + w.epsilon_attn * att
-        parts["attn"] = att.detach()
+    hidden, hidden_parts = hidden_state_terms(
+        student_hidden, teacher_hidden, attention_mask, weights, projection
+    )
+    attn, attn_parts = attention_term(student_attn, teacher_attn, attention_mask, weights)
+    total = vocab + hidden + attn
+    parts |= hidden_parts | attn_parts
     parts["loss"] = total.detach()
     return total, parts
+
+
+def _logits(x: Tensor | FusedLMHead) -> Tensor:
+    """Materialized [B, L, V] logits (the unfused path)."""
+    return x.materialize() if isinstance(x, FusedLMHead) else x
 
 
 def lm_cross_entropy(

@@ -1,4 +1,4 @@
-"""Loading teachers and students, deriving a student from the teacher, LoRA.
+"""Loading teachers and students (any source), the training forward, LoRA.
 
 Sources (`resolve_source`):
 * a local folder with a Hugging Face checkpoint (`from_pretrained`);
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kd.config import EMBEDDED_TEACHER
-from kd.losses import HeadInput
+from kd.losses import FusedLMHead
 
 log = logging.getLogger(__name__)
 
@@ -196,92 +196,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def uniform_layers(n_total: int, n_keep: int) -> list[int]:
-    """n_keep indices spread evenly over [0, n_total), first and last included."""
-    if n_keep >= n_total:
-        return list(range(n_total))
-    if n_keep == 1:
-        return [0]
-    return sorted({round(i * (n_total - 1) / (n_keep - 1)) for i in range(n_keep)})
-
-
-@torch.no_grad()
-def block_influence(model: nn.Module, batches: list[dict[str, Tensor]]) -> list[float]:
-    """Per layer: mean over real tokens of 1 − cos(input, output) hidden states.
-
-    A block whose output is nearly its input (low influence) is the cheapest to drop
-    (ShortGPT, Men et al. 2024). Measured with forward hooks so that it works for any
-    decoder whose layers take hidden states first.
-    """
-    layers = decoder_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0.0
-    captured: dict[int, Tensor] = {}
-    current_mask: list[Tensor] = []
-
-    def hook(i):
-        def fn(mod, args, kwargs, output):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = output[0] if isinstance(output, tuple) else output
-            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
-            captured[i] = ((1 - cos) * current_mask[0]).sum()
-
-        return fn
-
-    handles = [ly.register_forward_hook(hook(i), with_kwargs=True) for i, ly in enumerate(layers)]
-    try:
-        model.eval()
-        for b in batches:
-            m = b["attention_mask"].float()
-            current_mask[:] = [m]
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-            for i, v in captured.items():
-                sums[i] += float(v)
-            count += float(m.sum())
-    finally:
-        for h in handles:
-            h.remove()
-    return (sums / max(count, 1.0)).tolist()
-
-
-def select_layers(
-    strategy: str, n_total: int, n_keep: int, influence: list[float] | None = None
-) -> list[int]:
-    if strategy == "uniform":
-        return uniform_layers(n_total, n_keep)
-    if strategy == "first":
-        return list(range(min(n_keep, n_total)))
-    if strategy == "block_influence":
-        if influence is None:
-            raise ValueError("block_influence needs influence scores")
-        order = sorted(range(n_total), key=lambda i: influence[i], reverse=True)
-        return sorted(order[:n_keep])
-    raise ValueError(f"unknown layer selection '{strategy}'")
-
-
-def derive_student(teacher: nn.Module, keep: list[int]) -> nn.Module:
-    """A copy of the teacher keeping the decoder layers at indices `keep`."""
-    student = copy.deepcopy(teacher)
-    layers = decoder_layers(student)
-    kept = nn.ModuleList([layers[i] for i in keep])
-    for new_idx, layer in enumerate(kept):
-        # attention modules index the KV cache by layer_idx
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new_idx
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = new_idx
-    base = student.get_decoder()
-    base.layers = kept
-    cfg = student.config
-    cfg.num_hidden_layers = len(keep)
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    for p in student.parameters():
-        p.requires_grad_(True)
-    return student
-
-
 # ---------------------------------------------------------------------------------
 # The forward used by training: logits plus only the extras the loss needs
 # ---------------------------------------------------------------------------------
@@ -329,20 +243,20 @@ class DistillForward(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         want_attn: bool = False,
-        lazy_logits: bool = False,
+        fused_lm_head: bool = False,
     ):
-        """Returns (logits [B, L, V] or a `HeadInput`, hidden [B, L, H'], attn or None).
+        """Returns (logits [B, L, V] or a `FusedLMHead`, hidden [B, L, H'], attn or None).
 
-        lazy_logits: return `HeadInput(hidden, head weight)` instead of logits when the
-        head allows it (`head_weight`), so the loss computes them chunk by chunk.
+        fused_lm_head: return `FusedLMHead(hidden, head weight)` instead of logits when
+        the head allows it (`head_weight`), so the loss computes them chunk by chunk.
         """
         self._want_attn, self._attn[:] = want_attn, []
         decoder = self.lm.get_decoder()
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state  # [B, L, H]
-        weight = self.head_weight() if lazy_logits else None
+        weight = self.head_weight() if fused_lm_head else None
         if weight is not None:
-            logits = HeadInput(hidden, weight)
+            logits = FusedLMHead(hidden, weight)
         else:
             logits = self.lm.get_output_embeddings()(hidden)  # [B, L, V]
         if self.projection is not None:  # student width -> teacher width, for the loss only

@@ -5,7 +5,7 @@ produces the same artifact folder:
 
     <out>/before.json        teacher and student held-out numbers before training
     <out>/metrics.json       before/after numbers, timings, the student selection, history
-    <out>/student/           the merged student with a model card (see kd.export)
+    <out>/student/           the merged student with a model card (see kd.exports)
     <out>/onnx/              model.onnx (fp32) + tokenizer      (export_onnx)
     <out>/int8-dynamic/      model.onnx (ONNX Runtime INT8) + tokenizer (post_training_quant)
     <out>/curves.png, tensorboard/  training curves (see kd.curves)
@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from kd import curves, evaluate, export, report
-from kd.export import save_student, write_json
+from kd import curves, evaluate, exports, report
+from kd.exports import write_json
 from kd.train import Run
 
 BEFORE = "before.json"
@@ -35,9 +35,9 @@ def eval_kwargs(run: Run) -> dict:
     }
 
 
-def evaluate_before(run: Run, out: Path) -> dict:
+def evaluate_before(run: Run, out: Path, preflight: dict | None = None) -> dict:
     """Held-out numbers of teacher and untrained student; kept in out/before.json so a
-    resumed job still reports them."""
+    resumed job still reports them. preflight: kd.preflight's plan, stored with them."""
     path = out / BEFORE
     if path.is_file():
         return json.loads(path.read_text())
@@ -46,6 +46,9 @@ def evaluate_before(run: Run, out: Path) -> dict:
     before = evaluate.compare(run.teacher, run.student, run.eval_data, **eval_kwargs(run))
     run.student.train(was)
     before["student_selection"] = run.selection
+    before["split"] = run.eval_data.split  # how the held-out data was chosen
+    if preflight is not None:
+        before["preflight"] = preflight
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, before)
     return before
@@ -63,9 +66,14 @@ def finalize(
     """Evaluate the trained student, save it, and write metrics.json. Returns metrics."""
     run.student.eval()
     after = evaluate.compare(run.teacher, run.student, run.eval_data, **eval_kwargs(run))
-    plain = export.plain_student(run.student)
-    student_dir = save_student(
-        plain, run.tokenizer, run.cfg, out, extra={"kept_layers": run.kept_layers}
+    plain = exports.plain_student(run.student)
+    written = exports.export(
+        plain,
+        ["student"],
+        out,
+        tokenizer=run.tokenizer,
+        cfg=run.cfg,
+        extra={"kept_layers": run.kept_layers},
     )
     metrics = {
         "teacher_ppl": before["teacher_ppl"],
@@ -80,12 +88,13 @@ def finalize(
         "train_seconds": train_seconds,
         "wall_seconds": time.time() - started,
         "student_selection": before.get("student_selection", run.selection),
+        "split": before.get("split", run.eval_data.split),
         "history": history,
     }
     metrics.update(extra or {})
     write_json(out / METRICS, metrics)
     curves.write_all(out, history, run.cfg.model_dump(mode="json"), reference=metrics)
-    write_report(run, plain, out, student_dir, metrics)
+    write_report(run, plain, out, written, metrics, preflight=before.get("preflight"))
     return metrics
 
 
@@ -96,10 +105,11 @@ def _eval_batches(data, n_blocks: int = 4, batch: int = 2):
         yield b["input_ids"], b["attention_mask"]
 
 
-def _export_entry(run: Run, folder: Path, plain, mb: float) -> dict:
-    lm = export.OnnxLM(folder)
+def _export_entry(run: Run, name: str, folder: Path, plain) -> dict:
+    """Logits parity with the torch student, held-out perplexity, speed and size."""
+    lm = exports.RUNTIMES[name](folder)
     torch_fn = evaluate.logits_fn(plain)
-    entry = export.logits_parity(torch_fn, lm, _eval_batches(run.eval_data))
+    entry = evaluate.logits_parity(torch_fn, lm, _eval_batches(run.eval_data))
     entry["ppl"] = evaluate.perplexity(
         lm,
         run.eval_data,
@@ -107,41 +117,33 @@ def _export_entry(run: Run, folder: Path, plain, mb: float) -> dict:
         max_blocks=run.cfg.max_eval_blocks,
     )
     entry["forward_tokens_per_s"] = report.forward_speed(lm, run.eval_data)
-    entry["mb"] = mb
+    entry["mb"] = report.folder_bytes(folder) / 1e6
     return entry
 
 
-def write_exports(run: Run, plain, out: Path, student_dir: Path) -> dict:
-    """onnx/ (fp32) and int8-dynamic/ (ONNX Runtime dynamic INT8), each with parity,
+def write_exports(run: Run, plain, out: Path, written: dict[str, Path]) -> dict:
+    """The formats the config asks for (onnx/, int8-dynamic/), each with parity,
     perplexity and speed. An export failure raises ExportError (the job fails)."""
-    cfg, exports = run.cfg, {}
-    if not (cfg.export_onnx or cfg.post_training_quant):
-        return exports
-    import tempfile
-
-    onnx_dir = out / export.ONNX_DIR if cfg.export_onnx else Path(tempfile.mkdtemp())
-    fp32 = export.export_onnx(plain, onnx_dir / export.ONNX_FILE)
-    export._copy_tokenizer(student_dir, onnx_dir)
-    if cfg.export_onnx:
-        exports["onnx-fp32"] = _export_entry(
-            run, onnx_dir, plain, report.folder_bytes(onnx_dir) / 1e6
-        )
-    if cfg.post_training_quant:
-        int8_dir = out / export.INT8_DIR
-        export.quantize_onnx_int8(fp32, int8_dir / export.ONNX_FILE)
-        export._copy_tokenizer(student_dir, int8_dir)
-        exports["int8-dynamic"] = _export_entry(
-            run, int8_dir, plain, report.folder_bytes(int8_dir) / 1e6
-        )
-    if not cfg.export_onnx:
-        import shutil
-
-        shutil.rmtree(onnx_dir, ignore_errors=True)
-    return exports
+    kw = dict(tokenizer=run.tokenizer, cfg=run.cfg, written=written)
+    folders = exports.export(plain, exports.formats_for(run.cfg), out, **kw)
+    return {
+        name: _export_entry(run, name, folder, plain)
+        for name, folder in folders.items()
+        if name in exports.RUNTIMES
+    }
 
 
-def write_report(run: Run, plain, out: Path, student_dir: Path, metrics: dict) -> dict:
-    """report.json, report.md, the model card and manifest.json."""
+def write_report(
+    run: Run,
+    plain,
+    out: Path,
+    written: dict[str, Path],
+    metrics: dict,
+    preflight: dict | None = None,
+) -> dict:
+    """The exports, report.json, report.md, the model card and manifest.json.
+    preflight: kd.preflight's plan (before.json keeps it for resumed jobs)."""
+    student_dir = written["student"]
     size = report.param_summary(run.teacher, plain)
     size["student_mb"] = report.folder_bytes(student_dir) / 1e6
     size["teacher_mb"] = report.source_mb(run.cfg.teacher_model)
@@ -149,10 +151,12 @@ def write_report(run: Run, plain, out: Path, student_dir: Path, metrics: dict) -
     for name, model in (("teacher", run.teacher), ("student", plain)):
         for b in (1, 8):
             speed[f"{name}_gen_b{b}"] = report.generation_speed(model, run.eval_data, b)
+    export_entries = write_exports(run, plain, out, written)
     rep = {
         "config": run.cfg.model_dump(mode="json"),
         "steps": metrics["steps"],
         "eval_tokens": metrics["eval_tokens"],
+        "split": metrics.get("split", {}),
         "quality": {
             k: metrics[k]
             for k in (
@@ -168,12 +172,13 @@ def write_report(run: Run, plain, out: Path, student_dir: Path, metrics: dict) -
         "size": size,
         "speed": speed,
         "train_seconds": metrics["train_seconds"],
-        "exports": write_exports(run, plain, out, student_dir),
+        "exports": export_entries,
+        "preflight": preflight,
     }
     write_json(out / REPORT, rep)
     (out / "report.md").write_text(report.render_markdown(rep))
     (student_dir / "README.md").write_text(report.model_card(rep))
-    export.write_manifest(out)
+    exports.write_manifest(out)
     return rep
 
 

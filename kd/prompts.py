@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from kd.config import EMBEDDED_DATASET, DistillConfig
-from kd.data import CORPUS_DIR, DataError, detect_text_column, split_documents
+from kd.data import DataError, split_documents
+from kd.sources import CORPUS_DIR, detect_text_column
 
 EMBEDDED_FILE = CORPUS_DIR / "smollm2_generated.jsonl"
 STYLES_PER_TOPIC = 4  # scripts/make_corpus.py writes every topic's 4 styles in a row

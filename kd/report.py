@@ -10,6 +10,7 @@ from torch import nn
 
 from kd import models
 from kd.data import Packed
+from kd.fmt import fmt
 
 
 def folder_bytes(folder: Path) -> int:
@@ -81,12 +82,19 @@ def param_summary(teacher: nn.Module, student: nn.Module) -> dict:
     }
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def split_lines(split: dict) -> list[str]:
+    """Markdown lines that say where the held-out numbers come from."""
+    if not split:
+        return []
+    lines = [f"Held-out data: {split['held_out_source']}."]
+    if "train_tokens" in split:
+        unit = split.get("unit", "document")
+        lines.append(
+            f"Training: {split['train_documents']:,} {unit}(s), {split['train_tokens']:,} "
+            f"tokens; held out: {split['eval_documents']:,} {unit}(s), "
+            f"{split['eval_tokens']:,} tokens ({split['method']})."
+        )
+    return [" ".join(lines), ""]
 
 
 def render_markdown(report: dict) -> str:
@@ -100,27 +108,28 @@ def render_markdown(report: dict) -> str:
         "",
         "## Quality (held-out)",
         "",
+        *split_lines(report.get("split") or {}),
         "| model | perplexity | top-1 agreement with teacher | KL(teacher‖model) / token |",
         "|---|---|---|---|",
-        f"| teacher | {_fmt(m['teacher_ppl'])} | 1 | 0 |",
-        f"| student before training | {_fmt(m['student_ppl_before'])} | "
-        f"{_fmt(m['top1_agreement_before'])} | {_fmt(m['kl_before'])} |",
-        f"| student after training | {_fmt(m['student_ppl_after'])} | "
-        f"{_fmt(m['top1_agreement_after'])} | {_fmt(m['kl_after'])} |",
+        f"| teacher | {fmt(m['teacher_ppl'])} | 1 | 0 |",
+        f"| student before training | {fmt(m['student_ppl_before'])} | "
+        f"{fmt(m['top1_agreement_before'])} | {fmt(m['kl_before'])} |",
+        f"| student after training | {fmt(m['student_ppl_after'])} | "
+        f"{fmt(m['top1_agreement_after'])} | {fmt(m['kl_after'])} |",
         "",
         "## Size",
         "",
         "| | parameters | on disk (MB) |",
         "|---|---|---|",
-        f"| teacher | {sz['teacher_params']:,} | {_fmt(sz.get('teacher_mb'))} |",
-        f"| student | {sz['student_params']:,} | {_fmt(sz['student_mb'])} |",
+        f"| teacher | {sz['teacher_params']:,} | {fmt(sz.get('teacher_mb'))} |",
+        f"| student | {sz['student_params']:,} | {fmt(sz['student_mb'])} |",
         "",
         "## Speed (this machine)",
         "",
         "| model | generate tokens/s, batch 1 | generate tokens/s, batch 8 |",
         "|---|---|---|",
-        f"| teacher | {_fmt(sp['teacher_gen_b1'])} | {_fmt(sp['teacher_gen_b8'])} |",
-        f"| student | {_fmt(sp['student_gen_b1'])} | {_fmt(sp['student_gen_b8'])} |",
+        f"| teacher | {fmt(sp['teacher_gen_b1'])} | {fmt(sp['teacher_gen_b8'])} |",
+        f"| student | {fmt(sp['student_gen_b1'])} | {fmt(sp['student_gen_b8'])} |",
     ]
     if report.get("exports"):
         lines += [
@@ -133,9 +142,9 @@ def render_markdown(report: dict) -> str:
         ]
         for name, e in report["exports"].items():
             lines.append(
-                f"| {name} | {_fmt(e['ppl'])} | {_fmt(e['max_abs_logit_diff'])} | "
-                f"{_fmt(e['top1_agreement'])} | {_fmt(e['forward_tokens_per_s'])} | "
-                f"{_fmt(e['mb'])} |"
+                f"| {name} | {fmt(e['ppl'])} | {fmt(e['max_abs_logit_diff'])} | "
+                f"{fmt(e['top1_agreement'])} | {fmt(e['forward_tokens_per_s'])} | "
+                f"{fmt(e['mb'])} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""The distillation loop, written top to bottom, and its resumable state.
+"""The distillation loop, written top to bottom.
 
 `setup()` builds everything a worker needs (models, data shard, optimizer, schedule)
 into a `Run`; `train()` runs the loop:
@@ -8,12 +8,13 @@ into a `Run`; `train()` runs the loop:
             teacher forward (no grad; only the outputs the active terms need)
             student forward, hybrid loss parts, backward (grad accumulation)
         clip, AdamW step, schedule step
-        every logging_steps: report(metrics)
-        every save_every steps: checkpoint(run)   # the caller decides where
+        due = schedule(cfg, step)          # log? evaluate? save? decided once, here
+        if anything is due: on_event(Event(step, due, metrics))
 
-`state_dict(run)` / `load_state_dict(run, state)` capture and restore model,
-optimizer, scheduler, step, RNG and data position. The Ray layer calls exactly these;
-nothing here imports Ray.
+The caller turns each event into its own side effects: `python -m kd` prints and saves a
+checkpoint folder, the Ray worker makes exactly one `ray.train.report` per event (a
+collective, so every rank must agree on the schedule: there is no other copy of it).
+Nothing here imports Ray. Resumable state: kd/state.py.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from kd import evaluate, models, rollout
 from kd.config import DistillConfig
 from kd.data import BlockSampler, Packed, build_datasets
 from kd.losses import HiddenProjection, LossWeights, hybrid_loss
+from kd.optim import make_optimizer, make_scheduler
+from kd.student import build_student
 
 log = logging.getLogger(__name__)
-
-Report = Callable[[dict[str, float]], None]
 
 
 @dataclass
@@ -64,10 +65,6 @@ class Run:
     world: int = 1
 
     @property
-    def lazy_logits(self) -> bool:
-        return self.cfg.fused_lm_head
-
-    @property
     def autocast(self):
         dtype = resolve_precision(self.cfg, self.device)
         if dtype is None:
@@ -86,96 +83,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------
-# Building the student
-# ---------------------------------------------------------------------------------
-def build_student(
-    cfg: DistillConfig,
-    teacher: nn.Module,
-    teacher_tok,
-    train_data: Packed,
-    eval_data: Packed,
-    *,
-    trust_remote_code: bool = False,
-    kept_layers: list[int] | None = None,
-    log_fn: Callable[[str], None] = log.info,
-) -> tuple[nn.Module, object, list[int] | None, dict[str, object]]:
-    """(student, tokenizer, kept_layers, selection report).
-
-    A derived student keeps `student_layers` (default: half) of the teacher's layers,
-    chosen by `layer_selection`. Every strategy's held-out perplexity is measured and
-    reported before training so the choice is visible. `kept_layers` (from a
-    checkpoint) skips the measurement and rebuilds the same student.
-    """
-    if not cfg.derives_student:
-        student, tok = models.load_model_and_tokenizer(
-            cfg.student_model, trust_remote_code=trust_remote_code
-        )
-        models.check_vocab_compatible(
-            teacher_tok, tok, teacher.config.vocab_size, student.config.vocab_size
-        )
-        return student, tok, None, {}
-    n_total = len(models.decoder_layers(teacher))
-    n_keep = cfg.student_layers or max(1, n_total // 2)
-    if n_keep > n_total:
-        raise ValueError(
-            f"student_layers={n_keep} but the teacher has only {n_total} layers; choose "
-            f"1..{n_total}"
-        )
-    if kept_layers is not None:
-        return models.derive_student(teacher, kept_layers), teacher_tok, kept_layers, {}
-    calib = [train_data.batch(list(range(i, min(i + 2, len(train_data))))) for i in (0, 2)]
-    influence = models.block_influence(teacher, calib)
-    report: dict[str, object] = {"block_influence": [round(x, 5) for x in influence]}
-    candidates = {}
-    for strategy in ("uniform", "block_influence", "first"):
-        keep = models.select_layers(strategy, n_total, n_keep, influence)
-        candidates[strategy] = keep
-        ppl = evaluate.perplexity(
-            models.derive_student(teacher, keep),
-            eval_data,
-            max_blocks=min(cfg.max_eval_blocks, 8),
-            batch_size=cfg.per_device_batch_size,
-        )
-        report[f"ppl_{strategy}"] = ppl
-        log_fn(
-            f"derived student ({n_keep}/{n_total} layers, {strategy}): layers {keep}, "
-            f"held-out perplexity before training {ppl:.1f}"
-        )
-    keep = candidates[cfg.layer_selection]
-    report["chosen"] = cfg.layer_selection
-    report["kept_layers"] = keep
-    return models.derive_student(teacher, keep), teacher_tok, keep, report
-
-
-# ---------------------------------------------------------------------------------
-# Optimizer and schedule
-# ---------------------------------------------------------------------------------
-def make_optimizer(params: list[nn.Parameter], cfg: DistillConfig) -> torch.optim.AdamW:
-    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def lr_factor(step: int, cfg: DistillConfig) -> float:
-    """Linear warmup to 1, then cosine / linear decay to min_lr_ratio, or constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    if cfg.lr_schedule == "linear":
-        shape = 1.0 - progress
-    else:
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
 # ---------------------------------------------------------------------------------
@@ -215,35 +122,21 @@ def setup(
         kept_layers=kept_layers,
         log_fn=log_fn,
     )
-    if cfg.needs_attention:
-        models.set_eager_attention(student)
-    torch.manual_seed(cfg.seed)  # LoRA / projection init identical on every rank
-    if cfg.lora_r is not None:
-        student = models.apply_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    s_dim, t_dim = student.config.hidden_size, teacher.config.hidden_size
-    projection = HiddenProjection(s_dim, t_dim) if cfg.needs_hidden and s_dim != t_dim else None
-    teacher.to(device)
-    student.to(device).train()
-    student_fwd: nn.Module = models.DistillForward(student, projection).to(device)
-    if wrap_model is not None:
-        student_fwd = wrap_model(student_fwd)
-    params = [p for p in student_fwd.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    sampler = BlockSampler(len(train_data), cfg.per_device_batch_size, cfg.seed, rank, world)
+    student, student_fwd = _prepare_student(cfg, teacher, student, device, wrap_model)
+    optimizer = make_optimizer([p for p in student_fwd.parameters() if p.requires_grad], cfg)
     return Run(
         cfg=cfg,
         device=device,
         tokenizer=tok,
-        teacher=teacher,
+        teacher=teacher.to(device),
         teacher_fwd=models.DistillForward(teacher),
         student=student,
         student_fwd=student_fwd,
         train_data=train_data,
         eval_data=eval_data,
-        sampler=sampler,
+        sampler=BlockSampler(len(train_data), cfg.per_device_batch_size, cfg.seed, rank, world),
         optimizer=optimizer,
-        scheduler=scheduler,
+        scheduler=make_scheduler(optimizer, cfg),
         kept_layers=kept,
         selection=selection,
         rank=rank,
@@ -251,129 +144,219 @@ def setup(
     )
 
 
+def _prepare_student(
+    cfg: DistillConfig,
+    teacher: nn.Module,
+    student: nn.Module,
+    device: torch.device,
+    wrap_model: Callable[[nn.Module], nn.Module] | None,
+) -> tuple[nn.Module, nn.Module]:
+    """(student on device, its DistillForward with the hidden projection, maybe DDP)."""
+    if cfg.needs_attention:
+        models.set_eager_attention(student)
+    torch.manual_seed(cfg.seed)  # LoRA / projection init identical on every rank
+    if cfg.lora_r is not None:
+        student = models.apply_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    s_dim, t_dim = student.config.hidden_size, teacher.config.hidden_size
+    projection = HiddenProjection(s_dim, t_dim) if cfg.needs_hidden and s_dim != t_dim else None
+    student.to(device).train()
+    student_fwd: nn.Module = models.DistillForward(student, projection).to(device)
+    if wrap_model is not None:
+        student_fwd = wrap_model(student_fwd)
+    return student, student_fwd
+
+
 def unwrap(module: nn.Module) -> models.DistillForward:
     return module.module if hasattr(module, "module") else module  # DDP
 
 
 # ---------------------------------------------------------------------------------
+# The schedule and its events
+# ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Due:
+    """What is due after an optimizer step."""
+
+    log: bool  # average the window's metrics and report them
+    evaluate: bool  # held-out perplexity (only on logging steps)
+    save: bool  # a checkpoint
+
+
+def schedule(cfg: DistillConfig, step: int) -> Due:
+    """The one schedule: every logging_steps, eval_every and save_every steps, and the
+    last step (which logs, evaluates when eval_every is set, and saves)."""
+    done = step >= cfg.max_steps
+    logs = step % cfg.logging_steps == 0 or done
+    return Due(
+        log=logs,
+        evaluate=logs and bool(cfg.eval_every) and (step % cfg.eval_every == 0 or done),
+        save=bool(cfg.save_every and step % cfg.save_every == 0) or done,
+    )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step with something due.
+
+    metrics: the window's averages (plus eval_ppl when evaluated) when `due.log`; on a
+    save-only step the metrics of the last logging step ({} before the first one).
+    """
+
+    step: int
+    due: Due
+    metrics: dict[str, float]
+
+
+OnEvent = Callable[[Event], None]
+
+
+def on_log(report: Callable[[dict[str, float]], None]) -> OnEvent:
+    """An `OnEvent` that hands the metrics of each logging step to `report`."""
+
+    def handle(event: Event) -> None:
+        if event.due.log:
+            report(event.metrics)
+
+    return handle
+
+
+class _Window:
+    """Sums of the step metrics since the last logging step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, parts: dict[str, float], tokens: int) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.tokens += tokens
+
+    def flush(self, run: Run) -> dict[str, float]:
+        """The averages with step, lr, tokens/s and epoch; starts a new window."""
+        elapsed = time.perf_counter() - self.t0
+        out = {k: v / self.steps for k, v in self.sums.items()}
+        out.update(
+            step=run.step,
+            lr=run.scheduler.get_last_lr()[0],
+            tokens_per_s=self.tokens / max(elapsed, 1e-9),
+            epoch=run.sampler.epoch,
+        )
+        self.__init__()
+        return out
+
+
+# ---------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------
-def train(
-    run: Run,
-    report: Report | None = None,
-    checkpoint: Callable[[Run], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> dict[str, float]:
+def train(run: Run, on_event: OnEvent | None = None) -> dict[str, float]:
     """Train from `run.step` to `cfg.max_steps`. Returns the last logged metrics.
 
-    report(metrics) is called every logging_steps and at the final step;
-    checkpoint(run) every save_every steps and at the end (the caller saves).
+    After each step `schedule` says what is due; a step with anything due becomes one
+    `Event` handed to `on_event` (which prints, reports, or saves `run`).
     """
-    cfg, dev = run.cfg, run.device
+    cfg = run.cfg
     weights = LossWeights.from_config(cfg)
-    # The student's own samples are no data to imitate: lm_ce is skipped on them.
-    on_policy_weights = dataclasses.replace(weights, lm_ce=0.0)
     source = rollout.BatchSource(run)  # data batches, or generated ones (lmbda, seq_kd)
-    want_hidden, want_attn = cfg.needs_hidden, cfg.needs_attention
-    fwd = run.student_fwd
-    window: dict[str, float] = {}
-    n_window, tokens_window, t_window = 0, 0, time.perf_counter()
-    last: dict[str, float] = {}
+    window, last = _Window(), {}
     while run.step < cfg.max_steps:
-        run.optimizer.zero_grad(set_to_none=True)
-        step_parts: dict[str, float] = {}
-        t_step, rollout_s = time.perf_counter(), 0.0
-        for micro in range(cfg.grad_accum_steps):
-            t0 = time.perf_counter()
-            batch = source.next_batch(run.step, micro)
-            rollout_s += time.perf_counter() - t0
-            loss_mask = batch.get("loss_mask")
-            if loss_mask is not None:
-                loss_mask = loss_mask.to(dev, non_blocking=True)
-            ids = batch["input_ids"].to(dev, non_blocking=True)
-            mask = batch["attention_mask"].to(dev, non_blocking=True)
-            # Teacher: no grad, and only the outputs the active terms need.
-            t_logits = t_hidden = t_attn = None
-            if cfg.needs_teacher:  # the no-teacher baseline (lm_ce only) skips it
-                with torch.no_grad(), run.autocast:
-                    t_logits, t_hidden, t_attn = run.teacher_fwd(
-                        ids, mask, want_attn=want_attn, lazy_logits=run.lazy_logits
-                    )
-            # DDP syncs gradients only on the last micro-batch of a step.
-            sync = micro == cfg.grad_accum_steps - 1
-            ctx = (
-                fwd.no_sync()
-                if (not sync and hasattr(fwd, "no_sync"))
-                else contextlib.nullcontext()
-            )
-            with ctx:
-                with run.autocast:
-                    s_logits, s_hidden, s_attn = fwd(
-                        ids, mask, want_attn=want_attn, lazy_logits=run.lazy_logits
-                    )
-                loss, parts = hybrid_loss(
-                    s_logits,
-                    t_logits,
-                    mask,
-                    on_policy_weights if batch["on_policy"] else weights,
-                    input_ids=ids,
-                    student_hidden=s_hidden if want_hidden else None,
-                    teacher_hidden=t_hidden if want_hidden else None,
-                    student_attn=s_attn,
-                    teacher_attn=t_attn,
-                    loss_mask=loss_mask,
-                )
-                # With lazy logits the loss computed them chunk by chunk; otherwise it
-                # keeps its own gradient buffer, not the logits: drop both [B, L, V]
-                # tensors so they are not alive at the backward's peak.
-                del t_logits, s_logits
-                (loss / cfg.grad_accum_steps).backward()
-            for k, v in parts.items():
-                step_parts[k] = step_parts.get(k, 0.0) + float(v) / cfg.grad_accum_steps
-            tokens_window += int(mask.sum())
-            step_parts["on_policy"] = step_parts.get("on_policy", 0.0) + float(
-                batch["on_policy"]
-            ) / (cfg.grad_accum_steps)
-        params = [p for p in fwd.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"non-finite gradient norm at step {run.step + 1}; lower lr (now {cfg.lr}) or "
-                "the loss weights"
-            )
-        run.optimizer.step()
-        run.scheduler.step()
-        run.step += 1
-        step_parts["rollout_s"] = rollout_s  # generation (and batch assembly) time
-        step_parts["train_s"] = time.perf_counter() - t_step - rollout_s
-        for k, v in step_parts.items():
-            window[k] = window.get(k, 0.0) + v
-        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
-        n_window += 1
-        done = run.step >= cfg.max_steps
-        if run.step % cfg.logging_steps == 0 or done:
-            elapsed = time.perf_counter() - t_window
-            last = {k: v / n_window for k, v in window.items()}
-            last.update(
-                step=run.step,
-                lr=run.scheduler.get_last_lr()[0],
-                tokens_per_s=tokens_window / max(elapsed, 1e-9),
-                epoch=run.sampler.epoch,
-            )
-            if cfg.eval_every and (run.step % cfg.eval_every == 0 or done):
+        parts, tokens = train_step(run, weights, source)
+        window.add(parts, tokens)
+        due = schedule(cfg, run.step)
+        if due.log:
+            last = window.flush(run)
+            if due.evaluate:
                 last["eval_ppl"] = eval_student_ppl(run)
-            if report is not None:
-                report(last)
-            window, n_window, tokens_window = {}, 0, 0
-            t_window = time.perf_counter()
-        if checkpoint is not None and ((cfg.save_every and run.step % cfg.save_every == 0) or done):
-            checkpoint(run)
-        if should_stop is not None and should_stop():
-            break
+        if (due.log or due.save) and on_event is not None:
+            on_event(Event(run.step, due, dict(last)))
     return last
 
 
+def train_step(
+    run: Run, weights: LossWeights, source: rollout.BatchSource | None = None
+) -> tuple[dict[str, float], int]:
+    """One optimizer step over grad_accum_steps micro-batches.
+
+    Returns (the loss parts averaged over micro-batches plus grad_norm, the on-policy
+    share, rollout_s and train_s; real tokens seen).
+    """
+    cfg = run.cfg
+    source = source or rollout.BatchSource(run)
+    run.optimizer.zero_grad(set_to_none=True)
+    parts: dict[str, float] = {"on_policy": 0.0}
+    tokens, t_step, rollout_s = 0, time.perf_counter(), 0.0
+    for micro in range(cfg.grad_accum_steps):
+        t0 = time.perf_counter()
+        batch = source.next_batch(run.step, micro)
+        rollout_s += time.perf_counter() - t0  # generation and batch assembly
+        # DDP syncs gradients only on the last micro-batch of a step.
+        sync = micro == cfg.grad_accum_steps - 1
+        micro_parts, n = _micro_batch(run, weights, batch, sync=sync)
+        micro_parts["on_policy"] = float(batch["on_policy"])
+        for k, v in micro_parts.items():
+            parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+        tokens += n
+    params = [p for p in run.student_fwd.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(
+            f"non-finite gradient norm at step {run.step + 1}; lower lr (now {cfg.lr}) or "
+            "the loss weights"
+        )
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    parts["grad_norm"] = grad_norm
+    parts["rollout_s"] = rollout_s
+    parts["train_s"] = time.perf_counter() - t_step - rollout_s
+    return parts, tokens
+
+
+def _micro_batch(run: Run, weights: LossWeights, batch: dict, sync: bool) -> tuple[dict, int]:
+    """Forward both models on one micro-batch (`rollout.BatchSource`), backward the
+    scaled loss. Returns (the loss parts of `hybrid_loss`, real tokens in the batch).
+    """
+    cfg, dev, fwd = run.cfg, run.device, run.student_fwd
+    ids = batch["input_ids"].to(dev, non_blocking=True)
+    mask = batch["attention_mask"].to(dev, non_blocking=True)
+    loss_mask = batch.get("loss_mask")  # generated / instruction batches: targets only
+    if loss_mask is not None:
+        loss_mask = loss_mask.to(dev, non_blocking=True)
+    if batch["on_policy"]:  # the student's own samples are no data to imitate
+        weights = dataclasses.replace(weights, lm_ce=0.0)
+    kw = dict(want_attn=cfg.needs_attention, fused_lm_head=cfg.fused_lm_head)
+    # Teacher: no grad, and only the outputs the active terms need.
+    t_logits = t_hidden = t_attn = None
+    if cfg.needs_teacher:  # the no-teacher baseline (lm_ce only) skips it
+        with torch.no_grad(), run.autocast:
+            t_logits, t_hidden, t_attn = run.teacher_fwd(ids, mask, **kw)
+    no_sync = fwd.no_sync() if (not sync and hasattr(fwd, "no_sync")) else contextlib.nullcontext()
+    with no_sync:
+        with run.autocast:
+            s_logits, s_hidden, s_attn = fwd(ids, mask, **kw)
+        loss, parts = hybrid_loss(
+            s_logits,
+            t_logits,
+            mask,
+            weights,
+            input_ids=ids,
+            student_hidden=s_hidden if cfg.needs_hidden else None,
+            teacher_hidden=t_hidden if cfg.needs_hidden else None,
+            student_attn=s_attn,
+            teacher_attn=t_attn,
+            loss_mask=loss_mask,
+        )
+        # With fused_lm_head the loss computed the logits chunk by chunk; otherwise it
+        # keeps its own gradient buffer, not the logits: drop both [B, L, V] tensors so
+        # they are not alive at the backward's peak.
+        del t_logits, s_logits
+        (loss / cfg.grad_accum_steps).backward()
+    return parts, int(mask.sum())
+
+
 def eval_student_ppl(run: Run) -> float:
+    """Held-out perplexity of the student (eval mode for the measurement only)."""
     lm = run.student
     was_training = lm.training
     lm.eval()
@@ -388,42 +371,3 @@ def eval_student_ppl(run: Run) -> float:
             )
     finally:
         lm.train(was_training)
-
-
-# ---------------------------------------------------------------------------------
-# Resumable state
-# ---------------------------------------------------------------------------------
-def state_dict(run: Run) -> dict[str, object]:
-    """Everything needed to continue exactly where training stopped."""
-    return {
-        "step": run.step,
-        "student_fwd": unwrap(run.student_fwd).state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "sampler": run.sampler.state(),
-        "kept_layers": run.kept_layers,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-        },
-        "config": run.cfg.model_dump(mode="json"),
-    }
-
-
-def load_state_dict(run: Run, state: dict[str, object]) -> None:
-    unwrap(run.student_fwd).load_state_dict(state["student_fwd"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.sampler.load_state(state["sampler"])
-    run.step = int(state["step"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-
-
-def trainable_summary(model: nn.Module) -> dict[str, int]:
-    total = models.count_params(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params": total, "trainable_params": trainable}

@@ -1,13 +1,13 @@
 """The vocabulary-sized terms of the KD loss: T²·D(p_T‖p_S) and CE(student, argmax T)
 (and CE on the data), computed in token chunks with closed-form gradients.
 
-Everything vocabulary-sized is computed in fp32 on chunks of `chunk_size` tokens. The
+Everything vocabulary-sized is computed in fp32 on chunks of `loss_chunk_tokens` tokens. The
 gradient with respect to the student logits has a closed form for each objective, so
 the forward pass writes it chunk by chunk and the backward pass only scales it:
 
 * `vocab_terms` takes materialized [B, L, V] logits and keeps one logits-sized gradient
   buffer;
-* `fused_vocab_terms` takes hidden states and LM heads (`HeadInput`) and computes each
+* `fused_vocab_terms` takes hidden states and LM heads (`FusedLMHead`) and computes each
   chunk's logits itself, turning its gradient straight into dL/dh and dL/dW: no
   [B, L, V] tensor of either model exists.
 
@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("forward_kl", "reverse_kl", "jsd")
+from kd.config import OBJECTIVES
 
 
 # ---------------------------------------------------------------------------------
 # Per-chunk math: rows are tokens, columns the vocabulary. All fp32.
 # ---------------------------------------------------------------------------------
 def _divergence_rows(
-    s_logp: Tensor, t_logp: Tensor, objective: str, beta: float, want_grad: bool
+    s_logp: Tensor, t_logp: Tensor, objective: str, jsd_beta: float, want_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """D per row and dD/ds (s = student logits / T), for [n, V] log-probabilities.
 
@@ -56,15 +56,15 @@ def _divergence_rows(
         grad = p_s * (r - d.unsqueeze(-1)) if want_grad else None
     elif objective == "jsd":
         p_t = t_logp.exp()
-        if beta <= 0.0 or beta >= 1.0:
+        if jsd_beta <= 0.0 or jsd_beta >= 1.0:
             d = torch.zeros(s_logp.shape[0], dtype=s_logp.dtype, device=s_logp.device)
             return d, (torch.zeros_like(s_logp) if want_grad else None)
-        log_m = torch.logaddexp(t_logp + math.log(beta), s_logp + math.log(1.0 - beta))
+        log_m = torch.logaddexp(t_logp + math.log(jsd_beta), s_logp + math.log(1.0 - jsd_beta))
         kl_t = torch.sum(p_t * (t_logp - log_m), dim=-1)
         kl_s = torch.sum(p_s * (s_logp - log_m), dim=-1)
-        d = beta * kl_t + (1.0 - beta) * kl_s
+        d = jsd_beta * kl_t + (1.0 - jsd_beta) * kl_s
         if want_grad:
-            g = (1.0 - beta) * (s_logp - log_m)
+            g = (1.0 - jsd_beta) * (s_logp - log_m)
             grad = p_s * (g - torch.sum(p_s * g, dim=-1, keepdim=True))
         else:
             grad = None
@@ -89,16 +89,16 @@ def _chunk_terms(
     inv_n: float,
     temperature: float,
     objective: str,
-    beta: float,
-    w_kd: float,
-    w_ce: float,
+    jsd_beta: float,
+    alpha_kl: float,
+    beta_ce: float,
     want_grad: bool,
     labels: Tensor | None = None,
-    w_lm: float = 0.0,
+    lm_ce: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The vocabulary terms of one chunk of fp32 logits s, t: [c, V] (both consumed).
 
-    labels: [c] the data's next tokens, for the CE on the data weighted by w_lm.
+    labels: [c] the data's next tokens, for the CE on the data weighted by lm_ce.
     Returns (Σ D, Σ CE(argmax t), Σ CE(labels), dL/ds) where dL/ds is already weighted
     and divided by the number of rows n of the whole batch (inv_n = 1/n). The CE terms
     come first so that the raw logits can be freed before the temperature-scaled
@@ -106,33 +106,33 @@ def _chunk_terms(
     """
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
     kd_sum, ce_sum, lm_sum, g = zero, zero, zero, None
-    if w_ce != 0.0 or w_lm != 0.0:
+    if beta_ce != 0.0 or lm_ce != 0.0:
         rows = torch.arange(s.shape[0], device=s.device)
         s_logp1 = F.log_softmax(s, dim=-1)
-        target = t.argmax(dim=-1) if w_ce != 0.0 else None
+        target = t.argmax(dim=-1) if beta_ce != 0.0 else None
         if target is not None:
             ce_sum = -s_logp1[rows, target].sum()
-        if w_lm != 0.0:
+        if lm_ce != 0.0:
             lm_sum = -s_logp1[rows, labels].sum()
         if want_grad:  # Σ_k w_k (softmax(s) − onehot(y_k))
-            g = s_logp1.exp_().mul_(w_ce + w_lm)
+            g = s_logp1.exp_().mul_(beta_ce + lm_ce)
             if target is not None:
-                g[rows, target] -= w_ce
-            if w_lm != 0.0:
-                g[rows, labels] -= w_lm
+                g[rows, target] -= beta_ce
+            if lm_ce != 0.0:
+                g[rows, labels] -= lm_ce
             g.mul_(inv_n)
         del s_logp1
-    if w_kd != 0.0:
+    if alpha_kl != 0.0:
         inv_t = 1.0 / temperature
         t_logp = F.log_softmax(t.mul_(inv_t), dim=-1)
         del t
         s_logp = F.log_softmax(s.mul_(inv_t), dim=-1)
-        d, dd = _divergence_rows(s_logp, t_logp, objective, beta, want_grad)
+        d, dd = _divergence_rows(s_logp, t_logp, objective, jsd_beta, want_grad)
         del s_logp, t_logp
         kd_sum = d.sum()
         if want_grad:
             # d(T² D)/dz = T² · dD/ds · (1/T) = T · dD/ds
-            dd.mul_(w_kd * temperature * inv_n)
+            dd.mul_(alpha_kl * temperature * inv_n)
             g = dd if g is None else g.add_(dd)
     return kd_sum, ce_sum, lm_sum, g
 
@@ -145,7 +145,16 @@ class _VocabTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, s_logits, t_logits, rows, temperature, objective, beta, w_kd, w_ce, chunk
+        ctx,
+        s_logits,
+        t_logits,
+        rows,
+        temperature,
+        objective,
+        jsd_beta,
+        alpha_kl,
+        beta_ce,
+        loss_chunk_tokens,
     ):
         n_rows, vocab = s_logits.shape
         want_grad = s_logits.requires_grad
@@ -154,9 +163,9 @@ class _VocabTerms(torch.autograd.Function):
         acc = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
         kd_sum = torch.zeros((), dtype=acc, device=s_logits.device)
         ce_sum = torch.zeros((), dtype=acc, device=s_logits.device)
-        args = (1.0 / n, temperature, objective, beta, w_kd, w_ce, want_grad)
-        for start in range(0, rows.numel(), chunk):
-            idx = rows[start : start + chunk]
+        args = (1.0 / n, temperature, objective, jsd_beta, alpha_kl, beta_ce, want_grad)
+        for start in range(0, rows.numel(), loss_chunk_tokens):
+            idx = rows[start : start + loss_chunk_tokens]
             # Fresh copies passed without a name here, so the helper can consume and free
             # them (CPython hands argument references over to the callee's frame).
             d, c, _, g = _chunk_terms(
@@ -170,7 +179,7 @@ class _VocabTerms(torch.autograd.Function):
                 grad_buf.index_copy_(0, idx, g.to(grad_buf.dtype))
         kd = kd_sum * (temperature**2) / n
         ce = ce_sum / n
-        total = w_kd * kd + w_ce * ce
+        total = alpha_kl * kd + beta_ce * ce
         ctx.save_for_backward(grad_buf if want_grad else torch.empty(0))
         ctx.mark_non_differentiable(kd, ce)
         return total, kd, ce
@@ -186,7 +195,7 @@ class _VocabTerms(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
-class HeadInput:
+class FusedLMHead:
     """Logits not yet computed: logits = hidden @ weight.T, row by row when needed.
 
     hidden: [..., H] (the decoder's last normed hidden state); weight: [V, H], the LM
@@ -228,39 +237,36 @@ class _FusedVocabTerms(torch.autograd.Function):
         vocab,
         temperature,
         objective,
-        beta,
-        w_kd,
-        w_ce,
-        w_lm,
-        chunk,
+        jsd_beta,
+        alpha_kl,
+        beta_ce,
+        lm_ce,
+        loss_chunk_tokens,
     ):
         n = max(int(h_s.shape[0]), 1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_grad = need_h or need_w
-        ws = _upcast(w_s[:vocab])
-        wt = _upcast(w_t[:vocab])
+        ws, wt = _upcast(w_s[:vocab]), _upcast(w_t[:vocab])
         grad_h = torch.zeros(h_s.shape, dtype=ws.dtype, device=h_s.device) if need_h else None
         # A frozen head (LoRA) gets no weight gradient and saves a third of the head FLOPs.
         grad_w = torch.zeros(w_s.shape, dtype=ws.dtype, device=w_s.device) if need_w else None
         acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
-        kd_sum = torch.zeros((), dtype=acc, device=h_s.device)
-        ce_sum = torch.zeros((), dtype=acc, device=h_s.device)
-        lm_sum = torch.zeros((), dtype=acc, device=h_s.device)
+        kd_sum, ce_sum, lm_sum = (torch.zeros((), dtype=acc, device=h_s.device) for _ in range(3))
         # Under GPU autocast the hidden states arrive in bf16/fp16: the head matmuls run
         # in that dtype (tensor cores) and only their [c, V] products are upcast.
         low = h_s.is_cuda and h_s.dtype in (torch.bfloat16, torch.float16)
         mm = h_s.dtype if low else ws.dtype
         ws_mm, wt_mm = ws.to(mm), wt.to(mm)
-        active = w_kd != 0.0 or w_ce != 0.0 or w_lm != 0.0
-        args = (1.0 / n, temperature, objective, beta, w_kd, w_ce, want_grad)
-        for start in range(0, h_s.shape[0] if active else 0, chunk):
-            hs = h_s[start : start + chunk].to(mm)
+        active = alpha_kl != 0.0 or beta_ce != 0.0 or lm_ce != 0.0
+        args = (1.0 / n, temperature, objective, jsd_beta, alpha_kl, beta_ce, want_grad)
+        for start in range(0, h_s.shape[0] if active else 0, loss_chunk_tokens):
+            hs = h_s[start : start + loss_chunk_tokens].to(mm)
             d, c, lm, g = _chunk_terms(  # s = h_S W_Sᵀ, t = h_T W_Tᵀ: [c, V], consumed
                 _upcast(hs @ ws_mm.T),
-                _upcast(h_t[start : start + chunk].to(mm) @ wt_mm.T),
+                _upcast(h_t[start : start + loss_chunk_tokens].to(mm) @ wt_mm.T),
                 *args,
-                labels=None if labels is None else labels[start : start + chunk],
-                w_lm=w_lm,
+                labels=None if labels is None else labels[start : start + loss_chunk_tokens],
+                lm_ce=lm_ce,
             )
             lm_sum += lm
             kd_sum += d
@@ -268,18 +274,16 @@ class _FusedVocabTerms(torch.autograd.Function):
             if g is not None:
                 g = g.to(mm)
                 if need_h:
-                    grad_h[start : start + chunk] = g @ ws_mm
+                    grad_h[start : start + loss_chunk_tokens] = g @ ws_mm
                 if need_w and low:
                     grad_w[:vocab] += (g.T @ hs).to(grad_w.dtype)
                 elif need_w:
                     grad_w[:vocab].addmm_(g.T, hs)
             del g
-        kd = kd_sum * (temperature**2) / n
-        ce = ce_sum / n
-        lm = lm_sum / n
-        total = w_kd * kd + w_ce * ce + w_lm * lm
-        empty = torch.empty(0)
-        ctx.save_for_backward(grad_h if need_h else empty, grad_w if need_w else empty)
+        kd, ce, lm = kd_sum * (temperature**2) / n, ce_sum / n, lm_sum / n
+        total = alpha_kl * kd + beta_ce * ce + lm_ce * lm
+        none = torch.empty(0)
+        ctx.save_for_backward(grad_h if need_h else none, grad_w if need_w else none)
         ctx.dtypes = (h_s.dtype, w_s.dtype)
         ctx.mark_non_differentiable(kd, ce, lm)
         return total, kd, ce, lm
@@ -294,40 +298,40 @@ class _FusedVocabTerms(torch.autograd.Function):
 
 
 def fused_vocab_terms(
-    student: HeadInput,
-    teacher: HeadInput,
+    student: FusedLMHead,
+    teacher: FusedLMHead,
     mask: Tensor,
     *,
     temperature: float = 2.0,
     objective: str = "forward_kl",
-    beta: float = 0.5,
-    w_kd: float = 1.0,
-    w_ce: float = 0.0,
-    chunk_size: int | None = None,
+    jsd_beta: float = 0.5,
+    alpha_kl: float = 1.0,
+    beta_ce: float = 0.0,
+    loss_chunk_tokens: int | None = None,
     labels: Tensor | None = None,
-    w_lm: float = 0.0,
+    lm_ce: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`vocab_terms` computed from hidden states and LM heads, chunk by chunk.
 
     Args:
-        student: HeadInput with hidden [B, L, H_S] and weight [V_S, H_S].
-        teacher: HeadInput with hidden [B, L, H_T] and weight [V_T, H_T]; no gradient.
+        student: FusedLMHead with hidden [B, L, H_S] and weight [V_S, H_S].
+        teacher: FusedLMHead with hidden [B, L, H_T] and weight [V_T, H_T]; no gradient.
         mask: [B, L], true where the position has a real target.
-        labels: [B, L] the data's next token at each position, for w_lm·CE(labels)
+        labels: [B, L] the data's next token at each position, for lm_ce·CE(labels)
             (the same cross-entropy as `lm_cross_entropy`, fused in the same pass).
     Returns:
-        (w_kd·T²·D + w_ce·CE + w_lm·LM, T²·D, CE, LM), equal to `vocab_terms` (and
+        (alpha_kl·T²·D + beta_ce·CE + lm_ce·LM, T²·D, CE, LM), equal to `vocab_terms` (and
         `lm_cross_entropy`) on the materialized
         logits (the shared vocabulary prefix when V_S != V_T). Differentiable with
         respect to the student's hidden state and head weight.
     """
     rows = _flat_rows(mask.bool())
-    chunk = _checked_chunk(objective, temperature, chunk_size, rows)
+    loss_chunk_tokens = _checked_chunk(objective, temperature, loss_chunk_tokens, rows)
     h_s = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, rows)
     h_t = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
     vocab = min(student.vocab, teacher.vocab)
-    if w_lm != 0.0 and labels is None:
-        raise ValueError("w_lm > 0 needs labels (the data's next tokens)")
+    if lm_ce != 0.0 and labels is None:
+        raise ValueError("lm_ce > 0 needs labels (the data's next tokens)")
     flat_labels = None if labels is None else labels.reshape(-1).index_select(0, rows)
     return _FusedVocabTerms.apply(
         h_s,
@@ -338,11 +342,11 @@ def fused_vocab_terms(
         vocab,
         float(temperature),
         objective,
-        float(beta),
-        float(w_kd),
-        float(w_ce),
-        float(w_lm),
-        chunk,
+        float(jsd_beta),
+        float(alpha_kl),
+        float(beta_ce),
+        float(lm_ce),
+        loss_chunk_tokens,
     )
 
 
@@ -350,12 +354,14 @@ def _flat_rows(mask: Tensor) -> Tensor:
     return mask.reshape(-1).nonzero(as_tuple=False).squeeze(1)
 
 
-def _checked_chunk(objective: str, temperature: float, chunk_size: int | None, rows: Tensor) -> int:
+def _checked_chunk(
+    objective: str, temperature: float, loss_chunk_tokens: int | None, rows: Tensor
+) -> int:
     """Validates the shared arguments; tokens per chunk (all masked rows when None)."""
     validate_objective(objective)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return int(chunk_size) if chunk_size else max(int(rows.numel()), 1)
+    return int(loss_chunk_tokens) if loss_chunk_tokens else max(int(rows.numel()), 1)
 
 
 def vocab_terms(
@@ -365,10 +371,10 @@ def vocab_terms(
     *,
     temperature: float = 2.0,
     objective: str = "forward_kl",
-    beta: float = 0.5,
-    w_kd: float = 1.0,
-    w_ce: float = 0.0,
-    chunk_size: int | None = None,
+    jsd_beta: float = 0.5,
+    alpha_kl: float = 1.0,
+    beta_ce: float = 0.0,
+    loss_chunk_tokens: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The vocabulary-sized terms in one chunked pass.
 
@@ -377,7 +383,7 @@ def vocab_terms(
         teacher_logits: same shape; receives no gradient.
         mask: [B, L] (or [N]) bool or 0/1, true where the position has a real target.
     Returns:
-        (w_kd·T²·D + w_ce·CE, T²·D, CE) as scalars; D and CE averaged over masked rows.
+        (alpha_kl·T²·D + beta_ce·CE, T²·D, CE) as scalars; D and CE averaged over masked rows.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -389,9 +395,17 @@ def vocab_terms(
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.detach().reshape(-1, vocab)
     rows = _flat_rows(mask.bool())
-    chunk = _checked_chunk(objective, temperature, chunk_size, rows)
+    loss_chunk_tokens = _checked_chunk(objective, temperature, loss_chunk_tokens, rows)
     return _VocabTerms.apply(
-        s, t, rows, float(temperature), objective, float(beta), float(w_kd), float(w_ce), chunk
+        s,
+        t,
+        rows,
+        float(temperature),
+        objective,
+        float(jsd_beta),
+        float(alpha_kl),
+        float(beta_ce),
+        loss_chunk_tokens,
     )
 
 
@@ -401,8 +415,8 @@ def kd_divergence(
     mask: Tensor,
     temperature: float = 2.0,
     objective: str = "forward_kl",
-    beta: float = 0.5,
-    chunk_size: int | None = None,
+    jsd_beta: float = 0.5,
+    loss_chunk_tokens: int | None = None,
 ) -> Tensor:
     """T² · D(p_T^τ ‖ p_S^τ), summed over the vocabulary, averaged over masked positions.
 
@@ -412,8 +426,8 @@ def kd_divergence(
         mask: [B, L], bool or 0/1; positions where it is false are ignored.
         temperature: τ > 0; both distributions are softmax(logits / τ).
         objective: "forward_kl" KL(p_T‖p_S), "reverse_kl" KL(p_S‖p_T), or "jsd" (GKD's
-            generalized JSD with weight `beta` on the teacher).
-        chunk_size: tokens per chunk; None computes all masked tokens in one chunk.
+            generalized JSD with weight `jsd_beta` on the teacher).
+        loss_chunk_tokens: tokens per chunk; None computes all masked tokens in one chunk.
     Returns:
         A scalar tensor, differentiable with respect to `student_logits`.
     """
@@ -423,9 +437,9 @@ def kd_divergence(
         mask,
         temperature=temperature,
         objective=objective,
-        beta=beta,
-        w_kd=1.0,
-        w_ce=0.0,
-        chunk_size=chunk_size,
+        jsd_beta=jsd_beta,
+        alpha_kl=1.0,
+        beta_ce=0.0,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     return total

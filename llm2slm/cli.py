@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from llm2slm import progress
+from llm2slm import local, progress
 from llm2slm.client import InvalidRequest, Llm2SlmClient, ServiceError
 
 # Flags that set a DistillConfig field; any other field is a key=value override.
@@ -116,7 +114,7 @@ def _connection_flags(ap: argparse.ArgumentParser, default: object) -> None:
 
 def job_config(args: argparse.Namespace) -> dict[str, Any]:
     """--config file, then the flags, then key=value overrides (later wins)."""
-    from kd.config import parse_overrides
+    from jobs.spec import parse_overrides
 
     data = json.loads(Path(args.config).read_text()) if args.config else {}
     for flag, field in CONFIG_FLAGS.items():
@@ -149,7 +147,7 @@ def _final(console: Console, st) -> int:
 def cmd_distill(args, client: Llm2SlmClient, console: Console) -> int:
     config = job_config(args)
     if args.local:
-        return run_local(config, args, console)
+        return local.distill_local(config, args)
     sub = client.submit(config, job_id=args.job_id)
     if args.json and not args.follow:
         _dump(console, sub)
@@ -159,20 +157,6 @@ def cmd_distill(args, client: Llm2SlmClient, console: Console) -> int:
         console.print(f"follow it: llm2slm status {sub.job_id} --follow", highlight=False)
         return 0
     return _final(console, progress.follow(client, sub.job_id, console))
-
-
-def run_local(config: dict, args, console: Console) -> int:
-    """The job in this process: train_job's driver on a local Ray (no service, no registry)."""
-    from train_job.cli import main as train_main
-
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(config, f)
-    argv = ["--config", f.name, "--storage", args.storage]  # a folder or s3:// URI
-    argv += ["--job-id", args.job_id] if args.job_id else []
-    try:
-        return train_main(argv)
-    finally:
-        os.unlink(f.name)
 
 
 def cmd_status(args, client: Llm2SlmClient, console: Console) -> int:
@@ -247,9 +231,7 @@ def cmd_report(args, client: Llm2SlmClient, console: Console) -> int:
 
 
 def cmd_serve(args, client: Llm2SlmClient | None, console: Console) -> int:
-    from llm2slm.local import serve_forever
-
-    return serve_forever(args, console)
+    return local.serve(args)
 
 
 COMMANDS = {

@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 
-from serve_app.schemas import TERMINAL, ArtifactList, Health, JobPage, JobPublic, SubmitResponse
+from jobs.schemas import ArtifactList, Health, JobPage, JobPublic, SubmitResponse
+from jobs.states import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 PART_SUFFIX = ".part"

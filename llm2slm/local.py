@@ -1,22 +1,37 @@
-"""`llm2slm serve`: a local Ray (with its dashboard and job API) and the Serve app.
+"""The two commands that run the service's own code here, each in a child process:
+`llm2slm serve` (`python -m serve_app`) and `llm2slm distill --local` (`python -m train_job`).
 
-Imported only by that command: it is the one part of the CLI that loads Ray.
+A child process keeps the command-line package free of serve_app, train_job, Ray and
+torch imports; Ctrl-C reaches the child too, which shuts down on its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import time
+import subprocess
+import sys
+import tempfile
 
-from rich.console import Console
-
-from train_job.storage import is_uri
+OPTIONS_ENV = "LLM2SLM_SERVE_OPTIONS"  # read (and removed) by serve_app/local.py
 
 
-def settings_from_args(args: argparse.Namespace, dashboard: str) -> dict:
+def run_module(module: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """`python -m module *argv` with this interpreter; its exit code."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], env=env)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the child got the same signal: wait for its shutdown
+            continue
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
     """Serve app settings: LLM2SLM_* env vars, then these flags (flags win)."""
-    settings: dict = {"ray_dashboard_address": dashboard}
+    from jobs.storage import is_uri  # pyarrow: only for this command
+
+    settings: dict = {}
     if args.storage or not os.environ.get("LLM2SLM_STORAGE_ROOT"):
         root = args.storage or "llm2slm-storage"
         settings["storage_root"] = root if is_uri(root) else os.path.abspath(root)
@@ -29,38 +44,27 @@ def settings_from_args(args: argparse.Namespace, dashboard: str) -> dict:
     return settings
 
 
-def serve_forever(args: argparse.Namespace, console: Console) -> int:
-    import ray
-    from ray import serve
+def serve(args: argparse.Namespace) -> int:
+    """`llm2slm serve`: a local Ray and the API until Ctrl-C (see serve_app/local.py)."""
+    opts = {
+        "host": args.host,
+        "port": args.port,
+        "dashboard_port": args.dashboard_port,
+        "address": args.address,
+        "settings": settings_from_args(args),
+    }
+    # In the environment, not the command line: the options may hold the API token, and
+    # a command line is visible to every user of the machine.
+    return run_module("serve_app", [], env=os.environ | {OPTIONS_ENV: json.dumps(opts)})
 
-    from serve_app.app import app_builder
 
-    if args.address:  # an existing cluster brings its own dashboard
-        ctx = ray.init(address=args.address)
-    else:
-        # A new local cluster: give Serve's proxy time to start on a small, busy machine
-        # (Serve kills one that is not ready within 5 s by default).
-        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-        ctx = ray.init(
-            address="local",  # a new cluster, never one some `ray start` left running
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=args.dashboard_port,
-        )
-    dashboard = "http://" + ctx.dashboard_url
-    settings = settings_from_args(args, dashboard)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app_builder(settings), name="llm2slm", route_prefix="/")
-    url = f"http://{args.host}:{args.port}"
-    console.print(
-        f"llm2slm API on {url} (docs {url}/docs), Ray dashboard {dashboard}, storage "
-        f"{settings.get('storage_root') or os.environ['LLM2SLM_STORAGE_ROOT']}. Ctrl-C stops.",
-        highlight=False,
-    )
+def distill_local(config: dict, args: argparse.Namespace) -> int:
+    """`llm2slm distill --local`: train_job's driver on a local Ray (no service, no registry)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config, f)
+    argv = ["--config", f.name, "--storage", args.storage]  # a folder or s3:// URI
+    argv += ["--job-id", args.job_id] if args.job_id else []
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-        ray.shutdown()
-    return 0
+        return run_module("train_job", argv)
+    finally:
+        os.unlink(f.name)

@@ -15,8 +15,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from jobs.schemas import JobPublic
 from llm2slm.client import Llm2SlmClient
-from serve_app.schemas import JobPublic
 
 
 def _eta(seconds: float | None) -> str:

@@ -17,9 +17,9 @@ from urllib.parse import quote
 from fastapi import HTTPException
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
+from jobs.paths import JobPaths
+from jobs.storage import Storage
 from serve_app.security import safe_artifact, safe_artifact_key
-from train_job.paths import JobPaths
-from train_job.storage import Storage
 
 CHUNK = 1 << 20
 SINGLE_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)

@@ -13,8 +13,8 @@ import sys
 import threading
 import time
 
+from jobs.paths import JobPaths
 from serve_app.settings import Settings
-from train_job.paths import JobPaths
 
 _ENV_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 _env_lock = threading.Lock()
@@ -104,6 +104,3 @@ class JobLauncher:
         return str(info.status.value if hasattr(info.status, "value") else info.status), (
             info.message
         )
-
-    def logs(self, submission_id: str) -> str:
-        return self.client().get_job_logs(submission_id)

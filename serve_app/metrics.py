@@ -19,14 +19,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import get_args
 
 from ray.util.metrics import Gauge
 
-from serve_app.schemas import JobState
+from jobs.states import ACTIVE, JOB_STATES
 
 log = logging.getLogger(__name__)
-ACTIVE = ("submitted", "running", "exporting")
 RECENT_S = 600.0
 
 
@@ -47,7 +45,7 @@ class JobMetrics:
             log.exception("exporting job metrics failed")
 
     def _observe(self, jobs: Iterable[dict]) -> None:
-        counts = dict.fromkeys(get_args(JobState), 0)
+        counts = dict.fromkeys(JOB_STATES, 0)
         now = time.time()
         for job in jobs:
             counts[job["state"]] = counts.get(job["state"], 0) + 1

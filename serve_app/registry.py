@@ -13,20 +13,18 @@ import asyncio
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 
+from jobs.paths import REGISTRY_STATE_KEY
+from jobs.states import ACTIVE, RESUBMITTABLE, TERMINAL
+from jobs.storage import Storage
 from serve_app.launcher import JobLauncher
 from serve_app.metrics import JobMetrics
-from serve_app.schemas import TERMINAL
 from serve_app.settings import Settings
-from train_job.paths import REGISTRY_STATE_KEY, registry_state_file
-from train_job.storage import Storage
 
 log = logging.getLogger(__name__)
-ACTIVE = ("submitted", "running", "exporting")
 # Fields a job itself may set through `update`.
 JOB_FIELDS = {
     "state",
@@ -94,7 +92,7 @@ class JobRegistry:
         now = time.time()
         job = self.jobs.get(job_id)
         if job is not None:
-            if job["state"] not in ("failed", "cancelled"):
+            if job["state"] not in RESUBMITTABLE:
                 return job, False
             job.update(
                 state="pending",
@@ -224,7 +222,3 @@ def get_or_create_registry(settings: Settings):
     )
     # The registry never needs the API token: keep it out of the actor's arguments.
     return actor.remote(settings.model_dump(mode="json", exclude={"api_token"}))
-
-
-def registry_file(settings: Settings) -> Path:
-    return registry_state_file(settings.storage_root)

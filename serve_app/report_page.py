@@ -17,8 +17,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from kd.fmt import fmt
+from serve_app.openapi import json_problems
 from serve_app.routes import Svc, job_or_404
-from serve_app.schemas import json_problems
 from serve_app.security import job_paths
 
 router = APIRouter(responses=json_problems(401))
@@ -37,26 +38,14 @@ img#curves { width: 1000px; max-width: 100%; border: 1px solid #ddd; }
 """
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    if isinstance(v, dict | list):
-        return json.dumps(v)
-    return str(v)
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td class="num">{escape(_fmt(c))}</td>'
+            f'<td class="num">{escape(fmt(c, none="–", grouped=True))}</td>'
             if isinstance(c, int | float) and not isinstance(c, bool)
-            else f"<td>{escape(_fmt(c))}</td>"
+            else f"<td>{escape(fmt(c, none='–', grouped=True))}</td>"
             for c in row
         )
         + "</tr>"

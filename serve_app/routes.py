@@ -8,21 +8,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 
-from kd.config import DistillConfig
+from jobs.paths import new_job_id, valid_job_id
+from jobs.schemas import ArtifactList, Health, JobPage, JobPublic, SubmitResponse
+from jobs.spec import DistillConfig
+from jobs.states import TERMINAL, JobState
 from serve_app.downloads import artifact_response
-from serve_app.schemas import (
-    TERMINAL,
-    ArtifactList,
-    Health,
-    JobPage,
-    JobPublic,
-    JobState,
-    SubmitResponse,
-    problems,
-)
+from serve_app.openapi import problems
+from serve_app.preflight import http_problems
 from serve_app.security import check_token, job_paths, policy_problems
 from serve_app.service import Service, current
-from train_job.paths import new_job_id, valid_job_id
 
 
 def authorized(request: Request, svc: Annotated[Service, Depends(current)]) -> Service:
@@ -69,6 +63,10 @@ async def distill(
         raise HTTPException(
             422, detail=[{"loc": ["body", f], "msg": m, "type": "value_error"} for f, m in problems]
         )
+    # Preflight (tokenizers, memory per worker) from config files only, before queueing.
+    refused = await asyncio.to_thread(http_problems, cfg)
+    if refused:
+        raise HTTPException(422, detail=refused)
     job_id = job_id or new_job_id()
     paths = job_paths(svc.settings, job_id)
     config = cfg.model_dump(mode="json")

@@ -8,9 +8,9 @@ from pathlib import Path, PurePosixPath
 
 from fastapi import HTTPException, Request
 
-from kd.config import DERIVED_STUDENT, EMBEDDED_DATASET, DistillConfig
+from jobs.paths import JobPaths, valid_job_id
+from jobs.spec import DERIVED_STUDENT, EMBEDDED_DATASET, DistillConfig
 from serve_app.settings import Settings
-from train_job.paths import JobPaths, valid_job_id
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
@@ -70,6 +70,8 @@ def policy_problems(cfg: DistillConfig, settings: Settings) -> list[tuple[str, s
     ]
     if not cfg.derives_student:
         checks.append(("student_model", cfg.student_model, settings.allow_hub_models))
+    if cfg.eval_dataset is not None:  # read like dataset, so held to the same policy
+        checks.append(("eval_dataset", cfg.eval_dataset, settings.allow_hub_datasets))
     for field, value, hub_ok in checks:
         msg = _check_source(field, value, settings, hub_ok)
         if msg:

@@ -7,6 +7,7 @@ with 2-4 layers and hidden size 32-64 and saved as ordinary Hugging Face folders
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,15 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `ray` every test that starts Ray: the service tests and any test that uses
+    the session's Ray cluster, so `pytest -m "not ray"` runs no Ray at all."""
+    for item in items:
+        if item.get_closest_marker("service") or "ray_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -104,13 +114,37 @@ def corpus(tmp_path_factory):
     return out
 
 
+# The body of a seconds-long job on the tiny models: every test that runs a job starts
+# from it (through `tiny_job` or `tiny_cfg`) and overrides only what it is about.
+TINY_JOB = dict(
+    max_seq_len=32,
+    per_device_batch_size=4,
+    warmup_steps=1,
+    logging_steps=1,
+    save_every=2,
+    max_eval_blocks=2,
+    student_layers=2,
+    export_onnx=False,
+    post_training_quant=False,
+)
+
+
+def tiny_job_body(teacher, dataset, **overrides) -> dict:
+    """TINY_JOB for this teacher and dataset, as the JSON body of POST /distill."""
+    return {"teacher_model": str(teacher), "dataset": str(dataset), **TINY_JOB, **overrides}
+
+
+@pytest.fixture(scope="session")
+def tiny_job(tiny_teacher, corpus):
+    """`tiny_job(max_steps=6)`: a job body on the tiny teacher and corpus."""
+    return functools.partial(tiny_job_body, tiny_teacher, corpus)
+
+
 def tiny_cfg(teacher, corpus, **kw):
-    """A DistillConfig for a seconds-long job on the tiny models."""
-    base = dict(
-        teacher_model=str(teacher),
-        dataset=str(corpus),
-        max_seq_len=32,
-        per_device_batch_size=4,
+    """A DistillConfig for a seconds-long training loop in this process."""
+    from kd.config import DistillConfig
+
+    loop = dict(
         max_steps=12,
         warmup_steps=2,
         logging_steps=2,
@@ -119,14 +153,8 @@ def tiny_cfg(teacher, corpus, **kw):
         delta_cos=0.1,
         save_every=0,
         max_eval_blocks=4,
-        student_layers=2,
-        export_onnx=False,
-        post_training_quant=False,
     )
-    base.update(kw)
-    from kd.config import DistillConfig
-
-    return DistillConfig(**base)
+    return DistillConfig(**tiny_job_body(teacher, corpus, **(loop | kw)))
 
 
 def _free_port() -> int:

@@ -64,27 +64,10 @@ def deployed(ray_cluster, tmp_path_factory, tiny_teacher, corpus):
 
 
 @pytest.fixture(scope="module")
-def followed(deployed, tiny_teacher, corpus, tmp_path_factory):
+def followed(deployed, tiny_job, tmp_path_factory):
     """`llm2slm distill --config job.json --max-steps 6 --follow`, URL/token as flags."""
     cfg = tmp_path_factory.mktemp("cli-cfg") / "job.json"
-    cfg.write_text(
-        json.dumps(
-            dict(
-                teacher_model=str(tiny_teacher),
-                dataset=str(corpus),
-                max_seq_len=32,
-                per_device_batch_size=4,
-                warmup_steps=1,
-                logging_steps=1,
-                eval_every=2,
-                save_every=0,
-                max_eval_blocks=2,
-                student_layers=2,
-                export_onnx=False,
-                post_training_quant=False,
-            )
-        )
-    )
+    cfg.write_text(json.dumps(tiny_job(eval_every=2, save_every=0)))
     t0 = time.time()
     rc, out, err = cli(
         "--url", deployed["url"], "--token", TOKEN, "distill", "--config", str(cfg),
@@ -259,7 +242,12 @@ def coloured_pixels(png: Path) -> tuple[int, tuple[int, int, int, int] | None]:
     return len(boxes), (min(xs), min(ys), max(xs), max(ys))
 
 
-@pytest.mark.skipif(chromium() is None, reason="chromium not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    chromium() is None,
+    reason="no chromium on PATH: to run this browser test install a headless Chromium, e.g. "
+    "`sudo apt-get install chromium` on Debian/Ubuntu (`brew install --cask chromium` on macOS); "
+    ".ci/run installs it",
+)
 def test_report_page_renders_the_chart_in_chromium(deployed, followed, cancelled, tmp_path):
     job_id = followed["job_id"]
     url = f"{deployed['open_url']}/jobs/{job_id}/report"

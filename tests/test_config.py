@@ -157,7 +157,7 @@ def test_kd_does_not_import_ray():
 
     code = (
         "import sys, kd, kd.config, kd.losses, kd.models, kd.data, kd.train, kd.evaluate, "
-        "kd.export, kd.report, kd.pipeline, kd.cli\n"
+        "kd.exports, kd.report, kd.pipeline, kd.cli, kd.student, kd.state, kd.optim\n"
         "assert 'ray' not in sys.modules, 'kd imported ray'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -62,7 +62,7 @@ def test_bundle_layout_and_manifest(bundle):
         "manifest.json",
     ]:
         assert (bundle / rel).is_file(), rel
-    from kd.export import sha256_file
+    from kd.exports import sha256_file
 
     manifest = json.loads((bundle / "manifest.json").read_text())["files"]
     listed = {f["path"]: f for f in manifest}
@@ -89,7 +89,7 @@ def test_report_fields_are_sane(bundle):
 
 LOAD_AND_RUN = r"""
 import json, sys, torch
-from kd.export import OnnxLM, load_student
+from kd.exports import OnnxLM, load_student
 bundle, kind = sys.argv[1], sys.argv[2]
 ids = torch.tensor(json.loads(sys.argv[3]))
 mask = torch.ones_like(ids)
@@ -108,7 +108,7 @@ torch.save(out, bundle + f"/{kind}.logits.pt")
 
 @pytest.mark.parametrize("kind", ["student", "onnx", "int8-dynamic"])
 def test_each_export_loads_in_a_fresh_process_and_matches(bundle, kind):
-    from kd.export import load_student
+    from kd.exports import load_student
 
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     subprocess.run(
@@ -134,14 +134,15 @@ def test_onnx_export_of_the_default_smollm2_architecture(tmp_path, smollm2_folde
     """A 2-layer model with SmolLM2-135M's exact config (widths, GQA, RoPE, tied head)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kd.export import OnnxLM, _copy_tokenizer, export_onnx
+    from kd.exports.common import copy_tokenizer
+    from kd.exports.onnx import OnnxLM, export_onnx
 
     cfg = AutoConfig.from_pretrained(smollm2_folder)
     cfg.num_hidden_layers = 2
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(tmp_path / "m")
     export_onnx(model, tmp_path / "onnx" / "model.onnx")
-    _copy_tokenizer(smollm2_folder, tmp_path / "onnx")
+    copy_tokenizer(smollm2_folder, tmp_path / "onnx")
     ids = torch.randint(0, cfg.vocab_size, (3, 20))
     mask = torch.ones_like(ids)
     mask[2, -5:] = 0

@@ -20,13 +20,14 @@ import httpx
 import pytest
 import torch
 
+from jobs.states import TERMINAL
+
 pytestmark = pytest.mark.service
-TERMINAL = ("succeeded", "failed", "cancelled")
 MEASURED: dict[str, object] = {}
 
 
 @pytest.fixture(scope="module")
-def fsvc(ray_cluster, tmp_path_factory, tiny_teacher, corpus):
+def fsvc(ray_cluster, tmp_path_factory, tiny_teacher, corpus, tiny_job):
     from ray import serve
 
     from serve_app.app import app_builder
@@ -43,21 +44,7 @@ def fsvc(ray_cluster, tmp_path_factory, tiny_teacher, corpus):
     }
     serve.run(app_builder(settings), name="faults", route_prefix="/faults")
     client = httpx.Client(base_url=ray_cluster["http"] + "/faults", timeout=60)
-    cfg = dict(
-        teacher_model=str(tiny_teacher),
-        dataset=str(corpus),
-        max_seq_len=32,
-        per_device_batch_size=4,
-        max_steps=24,
-        warmup_steps=1,
-        logging_steps=1,
-        save_every=2,
-        max_eval_blocks=2,
-        student_layers=2,
-        export_onnx=False,
-        post_training_quant=False,
-        max_failures=0,
-    )
+    cfg = tiny_job(max_steps=24, max_failures=0)
     yield {"client": client, "root": root, "cfg": cfg, "settings": settings}
     client.close()
     serve.delete("faults")

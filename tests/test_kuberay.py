@@ -1,7 +1,7 @@
 """Kubernetes manifests and the image, validated offline.
 
-KubeRay objects are checked against the v1.7.0 CRD schemas in ../shared/kuberay-crds/
-(skipped with a reason when that folder is absent), with unknown fields rejected;
+KubeRay objects are checked against the v1.7.0 CRD schemas that ship in kuberay/crds/
+(verbatim copies, Apache-2.0; kuberay/crds/SOURCE), with unknown fields rejected;
 core objects against the Kubernetes schemas that kubernetes-validate ships.
 """
 
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = ROOT / "kuberay" / "crds"
 MANIFESTS = sorted((ROOT / "kuberay").glob("*.yaml"))
 KUBERAY_KINDS = {"RayCluster": "rayclusters", "RayService": "rayservices", "RayJob": "rayjobs"}
 K8S_VERSION = "1.33"
@@ -60,11 +60,6 @@ def _strict(schema: dict) -> dict:
 
 
 def crd_schema(kind: str) -> dict:
-    if not CRDS.is_dir():
-        pytest.skip(
-            f"KubeRay CRDs not found at {CRDS}: they come with the project's shared/ "
-            "folder, which only CI and developer machines have"
-        )
     crd = yaml.safe_load((CRDS / f"ray.io_{KUBERAY_KINDS[kind]}.yaml").read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
@@ -206,3 +201,28 @@ def test_dockerfile_installs_the_pyproject_package_set():
     assert "USER ray" in dockerfile and "USER root" not in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"tests", ".git", "runs"} <= set(ignored)
+
+
+def test_shipped_crds_are_the_recorded_upstream_files():
+    """kuberay/crds/ holds unmodified KubeRay v1.7.0 files: their sha256 match SOURCE."""
+    import hashlib
+
+    recorded = dict(
+        (name, digest)
+        for digest, name in re.findall(
+            r"^\s+([0-9a-f]{64})\s+(\S+\.yaml)$", (CRDS / "SOURCE").read_text(), re.M
+        )
+    )
+    assert sorted(recorded) == sorted(f"ray.io_{k}.yaml" for k in KUBERAY_KINDS.values())
+    for name, digest in recorded.items():
+        assert hashlib.sha256((CRDS / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_dockerfile_copies_every_package():
+    """A package that pyproject installs but the image lacks fails only at run time."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in include["packages"]["find"]["include"]]
+    assert "jobs" in packages
+    for pkg in packages:
+        assert f"COPY --chown=ray:users {pkg} ./{pkg}" in dockerfile, pkg

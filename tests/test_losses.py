@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.losses import (
-    HeadInput,
+    FusedLMHead,
     HiddenProjection,
     LossWeights,
     align_vocab,
@@ -71,7 +71,7 @@ def test_divergence_matches_reference_value_and_grad(objective, T):
     s, t, mask = rand_case()
     s1 = s.clone().requires_grad_(True)
     s2 = s.clone().requires_grad_(True)
-    got = kd_divergence(s1, t, mask, temperature=T, objective=objective, beta=0.3)
+    got = kd_divergence(s1, t, mask, temperature=T, objective=objective, jsd_beta=0.3)
     ref = ref_divergence(s2, t, mask, T, objective, beta=0.3)
     assert torch.allclose(got.double(), ref, atol=1e-5, rtol=1e-5)
     got.backward()
@@ -87,7 +87,7 @@ def test_chunked_equals_plain(objective):
     outs = []
     for chunk in (None, 1, 4, 1000):
         x = s.clone().requires_grad_(True)
-        v = kd_divergence(x, t, mask, temperature=2.0, objective=objective, chunk_size=chunk)
+        v = kd_divergence(x, t, mask, temperature=2.0, objective=objective, loss_chunk_tokens=chunk)
         v.backward()
         outs.append((v.detach(), x.grad))
     for v, g in outs[1:]:
@@ -126,8 +126,8 @@ def test_mask_accepts_int_and_ignores_masked_values():
 def test_jsd_limits_match_gkd_properties():
     s, t, mask = rand_case()
     # symmetric at beta=0.5
-    a = kd_divergence(s, t, mask, objective="jsd", beta=0.5)
-    b = kd_divergence(t, s, mask, objective="jsd", beta=0.5)
+    a = kd_divergence(s, t, mask, objective="jsd", jsd_beta=0.5)
+    b = kd_divergence(t, s, mask, objective="jsd", jsd_beta=0.5)
     assert torch.allclose(a, b, atol=1e-6)
     # bounded by T^2 * log 2
     assert a.item() <= 4.0 * math.log(2) + 1e-6
@@ -283,9 +283,9 @@ def test_fused_head_equals_materialized_logits(objective, chunk, vocabs):
     with different vocab sizes (shared prefix) and a chunk size that does not divide n."""
     h_s, w_s, h_t, w_t, mask = _head_case()
     w = LossWeights(
-        alpha_kl=1.0, beta_ce=0.3, temperature=2.0, objective=objective, chunk_size=chunk
+        alpha_kl=1.0, beta_ce=0.3, temperature=2.0, objective=objective, loss_chunk_tokens=chunk
     )
-    fused, parts = hybrid_loss(HeadInput(h_s, w_s), HeadInput(h_t, w_t), mask, w)
+    fused, parts = hybrid_loss(FusedLMHead(h_s, w_s), FusedLMHead(h_t, w_t), mask, w)
     g_fused = torch.autograd.grad(fused, (h_s, w_s))
     plain, parts_plain = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, mask, w)
     g_plain = torch.autograd.grad(plain, (h_s, w_s))
@@ -303,9 +303,9 @@ def test_fused_head_tied_weight_accumulates_both_paths():
     """A tied head (the embedding matrix) gets the embedding's gradient plus the loss's."""
     h_s, w_s, h_t, w_t, mask = _head_case(Vs=11)
     ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
-    w = LossWeights(alpha_kl=1.0, beta_ce=0.1, chunk_size=4)
+    w = LossWeights(alpha_kl=1.0, beta_ce=0.1, loss_chunk_tokens=4)
     hidden = h_s + F.embedding(ids, w_s)  # w_s also used as the input embedding
-    fused, _ = hybrid_loss(HeadInput(hidden, w_s), HeadInput(h_t, w_t), mask, w)
+    fused, _ = hybrid_loss(FusedLMHead(hidden, w_s), FusedLMHead(h_t, w_t), mask, w)
     (g_fused,) = torch.autograd.grad(fused, (w_s,))
     hidden = h_s + F.embedding(ids, w_s)
     plain, _ = hybrid_loss(hidden @ w_s.T, h_t @ w_t.T, mask, w)
@@ -317,20 +317,20 @@ def test_fused_head_frozen_weight_and_no_active_terms():
     h_s, w_s, h_t, w_t, mask = _head_case()
     w_s.requires_grad_(False)
     w = LossWeights(alpha_kl=1.0, beta_ce=0.0)
-    fused, _ = hybrid_loss(HeadInput(h_s, w_s), HeadInput(h_t, w_t), mask, w)
+    fused, _ = hybrid_loss(FusedLMHead(h_s, w_s), FusedLMHead(h_t, w_t), mask, w)
     (g,) = torch.autograd.grad(fused, (h_s,))
     plain, _ = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, mask, w)
     torch.testing.assert_close(g, torch.autograd.grad(plain, (h_s,))[0])
     # nothing vocabulary-sized weighted: the total is exactly zero
     none = LossWeights(alpha_kl=0.0, beta_ce=0.0, delta_cos=0.0)
-    total, _ = hybrid_loss(HeadInput(h_s, w_s), HeadInput(h_t, w_t), mask, none)
+    total, _ = hybrid_loss(FusedLMHead(h_s, w_s), FusedLMHead(h_t, w_t), mask, none)
     assert float(total.detach()) == 0.0
 
 
 def test_fused_head_one_side_plain_falls_back():
     h_s, w_s, h_t, w_t, mask = _head_case()
     w = LossWeights(alpha_kl=1.0, beta_ce=0.2)
-    a, _ = hybrid_loss(HeadInput(h_s, w_s), h_t @ w_t.T, mask, w)
+    a, _ = hybrid_loss(FusedLMHead(h_s, w_s), h_t @ w_t.T, mask, w)
     b, _ = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, mask, w)
     torch.testing.assert_close(a, b)
 
@@ -340,14 +340,14 @@ def test_lm_ce_alone_is_the_no_teacher_baseline():
     h_s, w_s, _, _, mask = _head_case(Vs=11)
     ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
     w = LossWeights(alpha_kl=0.0, beta_ce=0.0, lm_ce=0.5)
-    total, parts = hybrid_loss(HeadInput(h_s, w_s), None, mask, w, input_ids=ids)
+    total, parts = hybrid_loss(FusedLMHead(h_s, w_s), None, mask, w, input_ids=ids)
     ref = lm_cross_entropy(h_s @ w_s.T, ids, mask)
     torch.testing.assert_close(total, 0.5 * ref)
     assert set(parts) == {"lm", "loss"}
     with pytest.raises(ValueError, match="input_ids"):
-        hybrid_loss(HeadInput(h_s, w_s), None, mask, w)
+        hybrid_loss(FusedLMHead(h_s, w_s), None, mask, w)
     with pytest.raises(ValueError, match="teacher"):
-        hybrid_loss(HeadInput(h_s, w_s), None, mask, LossWeights(alpha_kl=1.0))
+        hybrid_loss(FusedLMHead(h_s, w_s), None, mask, LossWeights(alpha_kl=1.0))
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
@@ -356,8 +356,8 @@ def test_fused_data_ce_equals_lm_cross_entropy(chunk):
     materialized logits, alongside KD and CE(argmax) in the same chunks."""
     h_s, w_s, h_t, w_t, mask = _head_case(Vs=11, Vt=11)
     ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
-    w = LossWeights(alpha_kl=1.0, beta_ce=0.2, lm_ce=0.7, chunk_size=chunk)
-    fused, parts = hybrid_loss(HeadInput(h_s, w_s), HeadInput(h_t, w_t), mask, w, input_ids=ids)
+    w = LossWeights(alpha_kl=1.0, beta_ce=0.2, lm_ce=0.7, loss_chunk_tokens=chunk)
+    fused, parts = hybrid_loss(FusedLMHead(h_s, w_s), FusedLMHead(h_t, w_t), mask, w, input_ids=ids)
     g_fused = torch.autograd.grad(fused, (h_s, w_s))
     plain, parts_plain = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, mask, w, input_ids=ids)
     g_plain = torch.autograd.grad(plain, (h_s, w_s))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kd import models
+from kd import student as kd_student
 from tests.conftest import make_tiny_llama
 
 
@@ -44,16 +45,16 @@ def test_gguf_teacher_is_a_plain_trainable_fp32_model(smollm2_folder):
 
 
 def test_uniform_and_influence_selection():
-    assert models.uniform_layers(30, 15)[0] == 0 and models.uniform_layers(30, 15)[-1] == 29
-    assert len(models.uniform_layers(30, 15)) == 15
-    assert models.uniform_layers(4, 2) == [0, 3]
-    assert models.select_layers("block_influence", 4, 2, [0.1, 0.5, 0.05, 0.3]) == [1, 3]
-    assert models.select_layers("first", 4, 2) == [0, 1]
+    assert kd_student.uniform_layers(30, 15)[0] == 0 and kd_student.uniform_layers(30, 15)[-1] == 29
+    assert len(kd_student.uniform_layers(30, 15)) == 15
+    assert kd_student.uniform_layers(4, 2) == [0, 3]
+    assert kd_student.select_layers("block_influence", 4, 2, [0.1, 0.5, 0.05, 0.3]) == [1, 3]
+    assert kd_student.select_layers("first", 4, 2) == [0, 1]
 
 
 def test_derive_student_keeps_the_chosen_layers(tiny_teacher):
     teacher, tok = models.load_model_and_tokenizer(str(tiny_teacher))
-    student = models.derive_student(teacher, [0, 3])
+    student = kd_student.derive_student(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2
     t_layers, s_layers = models.decoder_layers(teacher), models.decoder_layers(student)
     assert torch.equal(s_layers[1].mlp.up_proj.weight, t_layers[3].mlp.up_proj.weight)
@@ -65,7 +66,7 @@ def test_derive_student_keeps_the_chosen_layers(tiny_teacher):
     # generation with a KV cache works on the renumbered layers
     student.generate(**ids, max_new_tokens=3, do_sample=False)
     # keeping every layer reproduces the teacher exactly
-    same = models.derive_student(teacher, [0, 1, 2, 3])
+    same = kd_student.derive_student(teacher, [0, 1, 2, 3])
     with torch.no_grad():
         assert torch.allclose(same(**ids).logits, teacher(**ids).logits)
 
@@ -73,7 +74,7 @@ def test_derive_student_keeps_the_chosen_layers(tiny_teacher):
 def test_block_influence_scores(tiny_teacher, tokenizer):
     teacher, tok = models.load_model_and_tokenizer(str(tiny_teacher))
     batch = tok(["a short text to score", "another one"], return_tensors="pt", padding=True)
-    scores = models.block_influence(teacher, [dict(batch)])
+    scores = kd_student.block_influence(teacher, [dict(batch)])
     assert len(scores) == 4 and all(0 <= s <= 2 for s in scores)
 
 

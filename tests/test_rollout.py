@@ -13,7 +13,8 @@ from kd.losses import LossWeights, hybrid_loss, target_mask
 from kd.models import DistillForward
 from kd.prompts import embedded_records, left_pad
 from kd.rollout import GenSettings, generate, on_policy_at, right_padded
-from kd.train import load_state_dict, setup, state_dict, train
+from kd.state import load_state_dict, state_dict
+from kd.train import on_log, setup, train
 from tests.conftest import tiny_cfg
 
 
@@ -142,8 +143,8 @@ def test_loss_mask_matches_a_plain_reference_loop(lms, objective, fused):
     assert batch["gen_lengths"].min() < batch["gen_lengths"].max()  # post-EOS padding exists
     w = LossWeights(alpha_kl=1.0, lm_ce=0.0, temperature=2.0, objective=objective, jsd_beta=0.3)
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    s_out, _, _ = DistillForward(s_lm)(ids, attn, lazy_logits=fused)
-    t_out, _, _ = DistillForward(t_lm)(ids, attn, lazy_logits=fused)
+    s_out, _, _ = DistillForward(s_lm)(ids, attn, fused_lm_head=fused)
+    t_out, _, _ = DistillForward(t_lm)(ids, attn, fused_lm_head=fused)
     loss, _ = hybrid_loss(s_out, t_out, attn, w, loss_mask=batch["loss_mask"])
     ref = _reference(s_lm, t_lm, batch, objective, 2.0, 0.3)
     torch.testing.assert_close(loss.double(), ref.to(torch.float64), rtol=1e-4, atol=1e-5)
@@ -203,7 +204,7 @@ def test_on_policy_run_trains_and_reports_rollout_time(tiny_teacher, corpus):
     run = setup(cfg)
     before = {k: v.clone() for k, v in run.student.state_dict().items()}
     history = []
-    train(run, report=history.append)
+    train(run, on_log(history.append))
     assert len(history) == 4
     for m in history:
         assert m["on_policy"] == 1.0 and m["rollout_s"] > 0 and m["train_s"] > 0
@@ -233,17 +234,17 @@ def test_resumed_on_policy_run_regenerates_the_same_samples(
     cfg = _on_policy_cfg(tiny_teacher, corpus, **extra)
     seen = _recording(monkeypatch)
     straight, h_straight = setup(cfg), []
-    train(straight, report=h_straight.append)
+    train(straight, on_log(h_straight.append))
     samples_straight = list(seen)
     seen.clear()
     first = setup(cfg)
     first.cfg = cfg.model_copy(update={"max_steps": 2})
     h_resumed = []
-    train(first, report=h_resumed.append)
+    train(first, on_log(h_resumed.append))
     state = state_dict(first)
     resumed = setup(cfg, kept_layers=state["kept_layers"])
     load_state_dict(resumed, state)
-    train(resumed, report=h_resumed.append)
+    train(resumed, on_log(h_resumed.append))
     assert [s for s, _, _ in seen] == [0, 1, 2, 3]
     for (sa, a, pa), (sb, b, pb) in zip(samples_straight, seen, strict=True):
         assert sa == sb and pa == pb and torch.equal(a, b)
@@ -274,7 +275,7 @@ def test_instruction_data_prompt_column_with_chat_template(tiny_teacher, tmp_pat
     seen = _recording(monkeypatch)
     run = setup(cfg)
     history = []
-    train(run, report=history.append)
+    train(run, on_log(history.append))
     assert [m["on_policy"] for m in history] == [0.0, 1.0, 0.0, 1.0]
     off = seen[0][1]
     assert off.shape[1] <= 64

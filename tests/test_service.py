@@ -16,8 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobs.states import TERMINAL
+from tests.conftest import tiny_job_body
+
 pytestmark = pytest.mark.service
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +46,7 @@ def svc(ray_cluster, tmp_path_factory, tiny_teacher, tokenizer):
     }
     serve.run(app_builder(settings), name="llm2slm", route_prefix="/")
     client = httpx.Client(base_url=ray_cluster["http"], timeout=60)
-    base_cfg = dict(
-        teacher_model=str(tiny_teacher),
-        dataset=str(data / "docs.jsonl"),
-        max_seq_len=32,
-        per_device_batch_size=4,
-        max_steps=6,
-        warmup_steps=1,
-        logging_steps=1,
-        save_every=2,
-        max_eval_blocks=2,
-        student_layers=2,
-        export_onnx=False,
-        post_training_quant=False,
-        max_failures=2,
-    )
+    base_cfg = tiny_job_body(tiny_teacher, data / "docs.jsonl", max_steps=6, max_failures=2)
     yield {"client": client, "root": root, "data": data, "cfg": base_cfg, "settings": settings}
     client.close()
 

@@ -17,11 +17,11 @@ import pyarrow.fs as pafs
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 
+from jobs.states import TERMINAL
+from jobs.storage import Storage, StorageError
 from tests.conftest import tiny_cfg
-from train_job.storage import Storage, StorageError
 
 BUCKET = "llm2slm-test"
-TERMINAL = ("succeeded", "failed", "cancelled")
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
@@ -145,9 +145,9 @@ def test_registry_state_survives_a_restart_on_s3(s3_env):
 def test_s3_downloads_honour_ranges_and_stay_inside_the_artifacts(s3_env):
     from fastapi.testclient import TestClient
 
+    from jobs.paths import JobPaths
     from serve_app.downloads import artifact_response
     from serve_app.security import safe_artifact_key
-    from train_job.paths import JobPaths
 
     paths = JobPaths(f"s3://{BUCKET}/downloads", "j1")
     data = bytes(range(256)) * 8

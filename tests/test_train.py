@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from kd import cli
-from kd.train import load_state_dict, setup, state_dict, train
+from kd.state import load_state_dict, state_dict
+from kd.train import on_log, setup, train
 from tests.conftest import tiny_cfg
 
 
@@ -80,7 +81,7 @@ def test_all_terms_lora_and_a_narrower_external_student(tiny_teacher, tiny_stude
     run = setup(cfg)
     assert run.teacher.config._attn_implementation == "eager"
     logged = []
-    train(run, report=logged.append)
+    train(run, on_log(logged.append))
     assert {"kd", "ce", "mse", "cos", "attn"} <= set(logged[-1])
     proj = run.student_fwd.projection  # student width 32 -> teacher 64
     assert proj is not None and proj.proj.weight.shape == (64, 32)
@@ -137,9 +138,9 @@ def test_fused_lm_head_trains_like_materialized_logits(tiny_teacher, corpus):
             fused_lm_head=fused,
         )
         run = setup(cfg)
-        assert run.lazy_logits is fused
+        assert run.cfg.fused_lm_head is fused
         log: list[dict] = []
-        train(run, report=log.append)
+        train(run, on_log(log.append))
         runs.append(run)
         logs.append(log)
     for x, y in zip(*logs, strict=True):
@@ -168,7 +169,7 @@ def test_no_teacher_baseline_trains_on_data_ce_without_teacher_forward(tiny_teac
     real = run.teacher_fwd.forward
     run.teacher_fwd.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
     log: list[dict] = []
-    train(run, report=log.append)
+    train(run, on_log(log.append))
     assert calls == []
     assert {"lm", "loss"} <= set(log[0]) and "kd" not in log[0]
     assert log[-1]["lm"] < log[0]["lm"]

@@ -2,11 +2,11 @@
 
 import pytest
 
+from jobs.paths import JobPaths, valid_job_id
 from kd.config import DistillConfig
 from kd.data import DataError
 from kd.models import ModelLoadError
 from train_job.cli import _short_reason, preflight
-from train_job.paths import JobPaths, valid_job_id
 
 
 def test_job_ids_are_validated():

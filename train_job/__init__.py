@@ -1,6 +1,11 @@
 """The Ray Train entrypoint: `python -m train_job --config job.json`.
 
-The only package besides serve_app that imports Ray. It runs kd's plain-torch loop on
-N workers with TorchTrainer, reports metrics, checkpoints to shared storage, resumes
-after failures, and tells the job registry how the job is doing.
+It runs kd's plain-torch loop on N workers with TorchTrainer, reports metrics,
+checkpoints to shared storage, resumes after failures, and tells the job registry how
+the job is doing. It imports `jobs` (storage, layout) and `kd`, never serve_app.
+
+Modules:
+    cli              the driver: validate and preflight the config, run TorchTrainer, exit code
+    worker           what each rank runs: kd.train with one ray.train.report per event
+    registry_client  progress updates to the job registry actor, when there is one
 """

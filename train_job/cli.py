@@ -5,7 +5,7 @@
 Runs unchanged under `ray job submit --working-dir . -- python -m train_job ...`
 (it joins that cluster) or standalone (it starts a local Ray). Running it again with
 the same --job-id resumes from the last checkpoint under <storage>/ray/<job-id>.
---storage and --config may be s3:// URIs (see train_job.storage for the S3 settings).
+--storage and --config may be s3:// URIs (see jobs.storage for the S3 settings).
 Exit code 0 on success, 1 when the job failed (the reason is printed and recorded),
 2 for an invalid config, job id or storage root (unreachable S3 endpoint, no bucket).
 """
@@ -19,9 +19,9 @@ import time
 import traceback
 from pathlib import Path
 
+from jobs.paths import RAY_KEY, JobPaths, new_job_id
+from jobs.storage import StorageError, is_uri, read_json_uri
 from kd.config import DistillConfig, load_config, parse_overrides
-from train_job.paths import RAY_KEY, JobPaths, new_job_id
-from train_job.storage import StorageError, is_uri, read_json_uri
 
 DEFAULT_STORAGE = os.environ.get("LLM2SLM_STORAGE", "llm2slm-storage")
 
@@ -74,13 +74,21 @@ def preflight(cfg: DistillConfig) -> None:
                 AutoConfig.from_pretrained(name)
             except Exception as e:
                 raise ModelLoadError(f"cannot load model '{name}': {e}") from e
-    ds = cfg.dataset
-    local = ds.startswith(("/", "./", "../", "~")) or ds.endswith(LOCAL_SUFFIXES)
-    if ds != EMBEDDED_DATASET and local and not Path(ds).expanduser().exists():
-        raise DataError(f"dataset path '{ds}' does not exist")
+    for field, ds in (("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset)):
+        if ds is None:
+            continue
+        local = ds.startswith(("/", "./", "../", "~")) or ds.endswith(LOCAL_SUFFIXES)
+        if ds != EMBEDDED_DATASET and local and not Path(ds).expanduser().exists():
+            raise DataError(f"{field} path '{ds}' does not exist")
 
 
-def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, trust: bool):
+def build_trainer(
+    cfg: DistillConfig,
+    paths: JobPaths,
+    registry: str | None,
+    trust: bool,
+    preflight_plan: dict | None = None,
+):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -95,6 +103,7 @@ def build_trainer(cfg: DistillConfig, paths: JobPaths, registry: str | None, tru
             "storage": paths.root,
             "registry": registry,
             "trust_remote_code": trust,
+            "preflight": preflight_plan,  # rank 0 stores it in before.json
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -134,16 +143,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from kd.model_files import ModelFilesError
+    from kd.preflight import PreflightError, cluster_check
     from train_job.registry_client import RegistryClient
 
     ray.init(log_to_driver=True)  # joins a running cluster (RAY_ADDRESS) or starts one
     registry = RegistryClient.connect(args.registry)
+    try:  # tokenizers and memory per worker, from config files, before any worker starts
+        plan = cluster_check(cfg, ray.nodes())
+    except PreflightError as e:
+        print(f"preflight refused job {job_id}: {e}", file=sys.stderr, flush=True)
+        reason = f"preflight: {e}"[:2000]
+        registry.update_sync(job_id, state="failed", error=reason, finished_at=time.time())
+        return 2
+    except ModelFilesError:  # preflight() below names the unreadable source
+        plan = None
     registry.update_sync(job_id, state="running", started_at=time.time())
     print(f"job {job_id}: training {cfg.num_workers} worker(s), storage {paths.root}", flush=True)
     t0 = time.time()
     try:
         preflight(cfg)
-        build_trainer(cfg, paths, args.registry, args.trust_remote_code).fit()
+        build_trainer(cfg, paths, args.registry, args.trust_remote_code, plan).fit()
         metrics = store.read_json(paths.artifact_key("metrics.json"))
     except Exception as e:  # everything a job can die of ends as `failed` with a reason
         reason = _short_reason(e)

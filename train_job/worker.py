@@ -1,9 +1,10 @@
 """The function each Ray Train worker runs: kd's loop plus the few lines that touch Ray.
 
 Ray-specific parts only: device and rank from the train context, DDP through
-`prepare_model`, `ray.train.report` at logging steps (a collective in Train V2, so
-every rank calls it the same number of times), checkpoints attached by rank 0 at
-save steps, and resume through `ray.train.get_checkpoint()`. Rank 0 writes the artifact
+`prepare_model`, exactly one `ray.train.report` per `kd.train.Event` (a collective in
+Train V2: every rank sees the same events, because the schedule lives only in
+`kd.train.schedule`), a checkpoint attached by rank 0 to the report of a save step, and
+resume through `ray.train.get_checkpoint()`. Rank 0 writes the artifact
 folder with plain file APIs into `Storage.staged` (on S3: a local copy, then uploaded).
 """
 
@@ -19,11 +20,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from jobs.paths import RAY_KEY, JobPaths
 from kd import pipeline
 from kd.config import DistillConfig
-from kd.export import write_json
-from kd.train import Run, load_state_dict, setup, state_dict, train
-from train_job.paths import RAY_KEY, JobPaths
+from kd.exports import write_json
+from kd.state import load_state_dict, state_dict
+from kd.train import Event, Run, setup, train
 from train_job.registry_client import RegistryClient
 
 STATE_FILE = "state.pt"
@@ -31,10 +33,6 @@ STATE_FILE = "state.pt"
 
 class CheckpointWriteError(RuntimeError):
     """Storage refused a checkpoint; the message names the step, folder and OS error."""
-
-
-def _save_due(cfg: DistillConfig, step: int) -> bool:
-    return bool(cfg.save_every and step % cfg.save_every == 0) or step >= cfg.max_steps
 
 
 def _world_sum(value: float) -> float:
@@ -61,6 +59,19 @@ def _load_checkpoint() -> dict | None:
         return torch.load(Path(d) / STATE_FILE, weights_only=False, map_location="cpu")
 
 
+def _report_with_checkpoint(run: Run, metrics: dict, history: list[dict], rank: int) -> None:
+    """One `ray.train.report`; rank 0 attaches the state_dict and the resolved config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            st = state_dict(run)
+            st["history"] = history
+            torch.save(st, Path(tmp) / STATE_FILE)
+            write_json(Path(tmp) / "distill_config.json", run.cfg.model_dump(mode="json"))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = DistillConfig.model_validate(loop_config["config"])  # workers re-validate
     paths = JobPaths(loop_config["storage"], loop_config["job_id"])
@@ -85,7 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     before: dict = {}
     if rank == 0:
         with paths.storage.staged(paths.artifacts_key) as out:  # keeps before.json for resumes
-            before = pipeline.evaluate_before(run, out)
+            before = pipeline.evaluate_before(run, out, preflight=loop_config.get("preflight"))
     if state is not None:
         load_state_dict(run, state)
     resumed_from = run.step
@@ -98,43 +109,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
             resumed_from_step=resumed_from if state else None,
             before={k: before.get(k) for k in ("teacher_ppl", "student_ppl")},
         )
-    last: dict[str, float] = {"step": float(run.step)}
+    # What each report carries: the last logged metrics, tokens/s summed over ranks.
+    reported: dict[str, float] = {"step": float(run.step)}
     t0, step0 = time.time(), run.step
-
-    def report(m: dict[str, float]) -> None:
-        m = dict(m)
-        m["tokens_per_s"] = _world_sum(m["tokens_per_s"])  # all ranks, not just this one
-        last.clear()
-        last.update(m)
-        if rank == 0:
-            history.append(m)
-            rate = (run.step - step0) / max(time.time() - t0, 1e-9)
-            eta = (cfg.max_steps - run.step) / rate if rate > 0 else None
-            registry.update(paths.job_id, step=run.step, eta_s=eta, metrics=m)
-        if not _save_due(cfg, run.step):
-            ray.train.report(m)
-
     run_uri = paths.storage.uri(f"{RAY_KEY}/{paths.job_id}")
 
-    def checkpoint(r: Run) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
+    def on_event(event: Event) -> None:
+        nonlocal reported
+        if event.due.log:
+            m = dict(event.metrics)
+            m["tokens_per_s"] = _world_sum(m["tokens_per_s"])  # all ranks, not just this one
+            reported = m
             if rank == 0:
-                st = state_dict(r)
-                st["history"] = history
-                torch.save(st, Path(tmp) / STATE_FILE)
-                write_json(Path(tmp) / "distill_config.json", cfg.model_dump(mode="json"))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            try:  # Ray copies the checkpoint to storage inside report()
-                ray.train.report(dict(last), checkpoint=ckpt)
-            except OSError as e:  # full disk, read-only or unreachable storage
-                raise CheckpointWriteError(
-                    f"could not write the step-{r.step} checkpoint under {run_uri}: {e}; "
-                    "earlier checkpoints are kept"
-                ) from None
+                history.append(m)
+                rate = (run.step - step0) / max(time.time() - t0, 1e-9)
+                eta = (cfg.max_steps - run.step) / rate if rate > 0 else None
+                registry.update(paths.job_id, step=run.step, eta_s=eta, metrics=m)
+        if not event.due.save:
+            ray.train.report(dict(reported))
+            return
+        try:  # Ray copies the checkpoint to storage inside report()
+            _report_with_checkpoint(run, dict(reported), history, rank)
+        except OSError as e:  # full disk, read-only or unreachable storage
+            raise CheckpointWriteError(
+                f"could not write the step-{run.step} checkpoint under {run_uri}: {e}; "
+                "earlier checkpoints are kept"
+            ) from None
 
     t_train = time.perf_counter()
-    train(run, report=report, checkpoint=checkpoint)
+    train(run, on_event)
     train_s = time.perf_counter() - t_train
     blocks_by_rank = _gather(run.sampler.served)  # collective: every rank calls it
     if rank == 0:

@@ -1,11 +1,11 @@
-"""Where a job's files live under the storage root (shared by train_job and serve_app).
+"""The storage layout: where a job's files live under the storage root.
 
 <root>/registry/state.json         the job registry's persisted state
 <root>/jobs/<job_id>/config.json   the DistillConfig the job was submitted with
 <root>/jobs/<job_id>/artifacts/    everything the user downloads
 <root>/ray/<job_id>/               Ray Train's run folder (checkpoints)
 
-The root is a shared folder or s3://bucket/prefix (see train_job.storage). The `*_key`
+The root is a shared folder or s3://bucket/prefix (see jobs.storage). The `*_key`
 attributes work for both; the Path properties only for a folder.
 """
 
@@ -15,7 +15,7 @@ import re
 import uuid
 from pathlib import Path
 
-from train_job.storage import Storage
+from jobs.storage import Storage
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REGISTRY_STATE_KEY = "registry/state.json"
@@ -56,27 +56,7 @@ class JobPaths:
         """Regular files inside the artifact folder; symlinks and temp files never listed."""
         return self.storage.list_files(self.artifacts_key)
 
-    # ---- local paths (a shared-folder root only) ----------------------------------------
-    @property
-    def job_dir(self) -> Path:
-        return self.storage.local_path(self.job_key)
-
-    @property
-    def config(self) -> Path:
-        return self.storage.local_path(self.config_key)
-
     @property
     def artifacts(self) -> Path:
+        """The artifact folder as a local path (a shared-folder root only)."""
         return self.storage.local_path(self.artifacts_key)
-
-    @property
-    def ray_storage(self) -> Path:
-        return self.storage.local_path(RAY_KEY)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.storage.local_path(f"{RAY_KEY}/{self.job_id}")
-
-
-def registry_state_file(root: str | Path) -> Path:
-    return Storage(root).local_path(REGISTRY_STATE_KEY)

@@ -1,0 +1,3 @@
+from serve_app.local import main
+
+raise SystemExit(main())
