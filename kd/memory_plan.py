@@ -64,6 +64,50 @@ def plan_memory(
     """Bytes per worker for `cfg` with these shapes; JSON-ready (ints and strings)."""
     gpu = cfg.use_gpu if gpu is None else gpu
     low = gpu and cfg.precision != "fp32"  # bf16/fp16 autocast
+    c, trainable, adapters = _components(cfg, teacher, student, low)
+    tokens = cfg.per_device_batch_size * cfg.max_seq_len
+    weights = c["teacher_weights"] + c["student_weights"]
+    forward_end = (
+        c["activations"]
+        + c["autocast_weight_cache"]
+        + c["teacher_forward"]
+        + c["loss_saved"]
+        + c["loss_chunk_buffers"]
+    )
+    step = c["gradients"] + c["optimizer_step_temp"]
+    train = weights + c["optimizer_state"] + max(forward_end, step)
+    student_forward = forward_transient_floats(
+        student, tokens, cfg.max_seq_len, cfg.per_device_batch_size
+    )
+    evaluation = (
+        weights
+        + c["optimizer_state"]
+        + c["gradients"]
+        + c["eval_logits"]
+        + student_forward * (2 if low else FP32)
+    )
+    return {
+        "device": "gpu (bf16 autocast)" if low else ("gpu (fp32)" if gpu else "cpu (fp32)"),
+        "tokens_per_micro_batch": tokens,
+        "params": {
+            "teacher": teacher.params(),
+            "student": student.params(),
+            "trainable": trainable,
+            "lora_adapters": adapters,
+        },
+        "bytes": c,
+        "train_peak_bytes": train,
+        "eval_peak_bytes": evaluation,
+        "peak_bytes": max(train, evaluation),
+        "peak_phase": "train" if train >= evaluation else "eval",
+        "calibrated": not gpu,
+    }
+
+
+def _components(
+    cfg: DistillConfig, teacher: Arch, student: Arch, low: bool
+) -> tuple[dict[str, int], int, int]:
+    """(bytes of each component, trainable params, LoRA adapter params)."""
     act_bytes = 2 if low else FP32
     b, seq = cfg.per_device_batch_size, cfg.max_seq_len
     tokens = b * seq
@@ -72,7 +116,6 @@ def plan_memory(
     lora = cfg.lora_r is not None
     adapters = student.lora_params(cfg.lora_r) if lora else 0
     trainable = adapters if lora else s_params
-    head_trainable = not lora
     c = {}
     c["teacher_weights"] = teacher.params() * FP32 if cfg.needs_teacher else 0
     c["student_weights"] = (s_params + adapters) * FP32
@@ -92,49 +135,16 @@ def plan_memory(
         else 0
     )
     chunk = min(cfg.loss_chunk_tokens, tokens)
-    chunk_buffers = CHUNK_BUFFERS[cfg.objective] * chunk * vocab * FP32
     # saved by the fused loss until backward: dL/dh_S and, for a trainable head, dL/dW_S
     saved = tokens * (student.hidden + teacher.hidden) * FP32 + tokens * student.hidden * FP32
-    if head_trainable:
+    if not lora:  # the head trains too
         saved += student.vocab_rows * student.hidden * FP32
     if not cfg.fused_lm_head:  # both [B, L, V] logits and the loss's gradient buffer
         saved += 3 * tokens * vocab * FP32
     c["loss_saved"] = saved
-    c["loss_chunk_buffers"] = chunk_buffers
+    c["loss_chunk_buffers"] = CHUNK_BUFFERS[cfg.objective] * chunk * vocab * FP32
     c["eval_logits"] = EVAL_LOGIT_BUFFERS * tokens * vocab * FP32
-    weights = c["teacher_weights"] + c["student_weights"]
-    forward_end = (
-        c["activations"]
-        + c["autocast_weight_cache"]
-        + c["teacher_forward"]
-        + c["loss_saved"]
-        + c["loss_chunk_buffers"]
-    )
-    step = c["gradients"] + c["optimizer_step_temp"]
-    train = weights + c["optimizer_state"] + max(forward_end, step)
-    evaluation = (
-        weights
-        + c["optimizer_state"]
-        + c["gradients"]
-        + c["eval_logits"]
-        + forward_transient_floats(student, tokens, seq, b) * act_bytes
-    )
-    return {
-        "device": "gpu (bf16 autocast)" if low else ("gpu (fp32)" if gpu else "cpu (fp32)"),
-        "tokens_per_micro_batch": tokens,
-        "params": {
-            "teacher": teacher.params(),
-            "student": s_params,
-            "trainable": trainable,
-            "lora_adapters": adapters,
-        },
-        "bytes": c,
-        "train_peak_bytes": train,
-        "eval_peak_bytes": evaluation,
-        "peak_bytes": max(train, evaluation),
-        "peak_phase": "train" if train >= evaluation else "eval",
-        "calibrated": not gpu,
-    }
+    return c, trainable, adapters
 
 
 def gib(n: float) -> str:
