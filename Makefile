@@ -17,9 +17,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# The pure-torch and contract tests: everything that starts no Ray (see README for its time).
+# The unit tests: the math, the loop and the contract on tiny models, without Ray, fresh
+# processes or end-to-end runs (see README for its time). `make test` runs everything.
 test-fast:
-	$(PY) -m pytest -q -m "not ray"
+	$(PY) -m pytest -q -m "not ray and not slow"
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -44,6 +44,7 @@ def bundle(tmp_path_factory, tiny_teacher):
     return out / "run"
 
 
+@pytest.mark.slow
 def test_bundle_layout_and_manifest(bundle):
     for rel in [
         "student/model.safetensors",
@@ -72,6 +73,7 @@ def test_bundle_layout_and_manifest(bundle):
         assert p.stat().st_size == f["size"] and sha256_file(p) == f["sha256"], f["path"]
 
 
+@pytest.mark.slow
 def test_report_fields_are_sane(bundle):
     rep = json.loads((bundle / "report.json").read_text())
     q = rep["quality"]
@@ -106,6 +108,7 @@ torch.save(out, bundle + f"/{kind}.logits.pt")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["student", "onnx", "int8-dynamic"])
 def test_each_export_loads_in_a_fresh_process_and_matches(bundle, kind):
     from kd.exports import load_student
@@ -130,6 +133,7 @@ def test_each_export_loads_in_a_fresh_process_and_matches(bundle, kind):
         assert (got - want).abs()[real].max() < FP32_MAX_ABS_DIFF
 
 
+@pytest.mark.slow
 def test_onnx_export_of_the_default_smollm2_architecture(tmp_path, smollm2_folder):
     """A 2-layer model with SmolLM2-135M's exact config (widths, GQA, RoPE, tied head)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -14,6 +14,9 @@ import torch
 
 from tests.conftest import make_tiny_llama
 
+# Each test writes a file and reads it back with its own runtime (seconds to minutes).
+pytestmark = pytest.mark.slow
+
 gguf = pytest.importorskip("gguf")
 kg = pytest.importorskip("kd.exports.gguf")
 

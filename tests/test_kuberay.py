@@ -79,6 +79,7 @@ def test_every_manifest_parses_and_has_the_expected_objects():
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(KUBERAY_KINDS))
 def test_kuberay_objects_validate_against_the_v1_7_crds(kind):
     import jsonschema
@@ -91,6 +92,7 @@ def test_kuberay_objects_validate_against_the_v1_7_crds(kind):
         jsonschema.validate(doc, schema)
 
 
+@pytest.mark.slow
 def test_strict_schema_catches_a_typo():
     import jsonschema
 

@@ -13,6 +13,9 @@ import torch
 
 from tests.conftest import make_tiny_llama
 
+# Each test writes a file and reads it back with its own runtime (seconds to minutes).
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("onnx_ir")
 og_export = pytest.importorskip("kd.exports.ort_genai")

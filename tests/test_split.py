@@ -234,6 +234,7 @@ def test_setup_fails_early_with_the_data_error(tmp_path, tiny_teacher):
         setup(cfg)
 
 
+@pytest.mark.slow
 def test_every_artifact_says_how_the_split_was_made(tmp_path, tiny_teacher, wiki):
     """before.json, metrics.json, report.json and report.md of a `python -m kd` run."""
     from kd import cli

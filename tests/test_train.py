@@ -12,6 +12,7 @@ from kd.train import on_log, setup, train
 from tests.conftest import tiny_cfg
 
 
+@pytest.mark.slow
 def test_end_to_end_cli_run(tmp_path, tiny_teacher, corpus, capsys):
     out = tmp_path / "run"
     cfg_path = tmp_path / "job.json"
