@@ -99,6 +99,16 @@ def tiny_student(tmp_path_factory, tokenizer) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama at a realistic init scale (0.02): quantized exports of it keep
+    meaningful parity numbers (a 0.2-scale model's logits are too large for that)."""
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("small"), tokenizer, layers=2, hidden=64, heads=4,
+        kv_heads=2, seed=3, init_range=0.02,
+    )  # fmt: skip
+
+
 WORDS = "the cat sat on a mat while two dogs ran past one red house near old trees".split()
 
 

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_llama
-
 # Each test writes a file and reads it back with its own runtime (seconds to minutes).
 pytestmark = pytest.mark.slow
 
@@ -22,11 +20,8 @@ kg = pytest.importorskip("kd.exports.gguf")
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory, tokenizer):
-    return make_tiny_llama(
-        tmp_path_factory.mktemp("gguf-small"), tokenizer, layers=2, hidden=64, heads=4,
-        kv_heads=2, seed=3, init_range=0.02,
-    )  # fmt: skip
+def small(small_llama):
+    return small_llama
 
 
 @pytest.fixture(scope="module")
