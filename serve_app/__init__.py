@@ -11,6 +11,7 @@ Modules:
     report_page  GET /jobs/{id}/report: the self-contained HTML report
     downloads    artifact downloads from a folder or S3, with HTTP Range
     security     the API token, allowed model/data sources, safe artifact paths
+    preflight    kd.preflight against this Ray cluster's memory, before a job is queued
     service      the per-replica object routes reach (registry handle, settings)
     registry     the detached registry actor: job records, scheduling, reconciliation
     launcher     submitting, stopping and inspecting Ray jobs (JobSubmissionClient)

@@ -8,4 +8,5 @@ Modules:
     cli              the driver: validate and preflight the config, run TorchTrainer, exit code
     worker           what each rank runs: kd.train with one ray.train.report per event
     registry_client  progress updates to the job registry actor, when there is one
+    shape_search     candidate student shapes under a parameter budget as Ray Tune trials
 """

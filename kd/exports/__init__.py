@@ -9,6 +9,12 @@ Modules:
     onnx         "onnx-fp32": the logits as an fp32 ONNX graph, and OnnxLM (its runtime)
     int8         "int8-dynamic": the ONNX graph with ONNX Runtime dynamic INT8 weights
     manifest     manifest.json: every artifact file with its size and sha256
+    gguf         GGUF files for llama.cpp (F16, Q8_0, 4/5-bit) and their round-trip check
+    ort_genai    ONNX Runtime GenAI models (fp32, INT8, INT4 weight-only) via its builder
+    parity       logits parity, perplexity and agreement of an artifact vs the PyTorch student
+
+gguf and ort_genai are not in WRITERS yet (a job cannot ask for them until the config's
+export_formats field lands); bench/formats.py writes and measures them today.
 
 A format is one `write(req) -> folder` function listed in WRITERS; formats are written
 in the order given, and a later one may reuse an earlier one's folder (`req.written`).
