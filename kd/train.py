@@ -308,8 +308,11 @@ def train_step(
     run.scheduler.step()
     run.step += 1
     parts["grad_norm"] = grad_norm
-    parts["rollout_s"] = rollout_s
-    parts["train_s"] = time.perf_counter() - t_step - rollout_s
+    if cfg.generates:  # off-policy runs have no rollout to time apart
+        parts["rollout_s"] = rollout_s
+        parts["train_s"] = time.perf_counter() - t_step - rollout_s
+    else:
+        del parts["on_policy"]
     return parts, tokens
 
 
