@@ -123,6 +123,14 @@ class DistillConfig(BaseModel):
         "among depth, width and mixed candidates within ±3%. Excludes the other student_* "
         "size fields.",
     )
+    search_steps: int = Field(
+        20,
+        ge=0,
+        le=100_000,
+        description="With student_params on a Ray cluster: KD steps of each candidate "
+        "shape's trial (Ray Tune) before the best by held-out perplexity trains to "
+        "max_steps; 0 skips the search and takes the default shape (width first).",
+    )
     layer_selection: LayerSelection = Field(
         "block_influence",
         description="How a derived student picks its layers: 'uniform' spacing, "

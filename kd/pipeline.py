@@ -174,6 +174,7 @@ def write_report(
         "train_seconds": metrics["train_seconds"],
         "exports": export_entries,
         "preflight": preflight,
+        "shape_search": metrics.get("shape_search"),
     }
     write_json(out / REPORT, rep)
     (out / "report.md").write_text(report.render_markdown(rep))

@@ -146,7 +146,41 @@ def render_markdown(report: dict) -> str:
                 f"{fmt(e['top1_agreement'])} | {fmt(e['forward_tokens_per_s'])} | "
                 f"{fmt(e['mb'])} |"
             )
+    lines += shape_search_lines(report.get("shape_search"))
     return "\n".join(lines) + "\n"
+
+
+def shape_search_lines(search: dict | None) -> list[str]:
+    """The shape search's candidates (train_job.shape_search), best first, and the winner."""
+    if not search:
+        return []
+    how = (
+        f"each candidate pruned from the teacher and distilled for {search['steps']} steps "
+        f"as a Ray Tune trial; the lowest held-out perplexity (`{search['winner']}`) trained "
+        "to the end."
+        if search["steps"]
+        else f"only `{search['winner']}` is within ±3%, so no trial was run."
+    )
+    lines = [
+        "",
+        "## Shape search",
+        "",
+        f"Budget {search['budget']:,} parameters; {how}",
+        "",
+        "| candidate | layers | hidden | ffn | heads/kv | parameters | ppl before | "
+        "ppl after the short run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in search["candidates"]:
+        s = row["shape"]
+        name = f"**{row['name']}**" if row["name"] == search["winner"] else row["name"]
+        after = fmt(row.get("eval_ppl")) if "error" not in row else "failed"
+        lines.append(
+            f"| {name} | {s['layers']} | {s['hidden']} | {s['ffn']} | "
+            f"{s['heads']}/{s['kv_heads']} | {row['params']:,} | "
+            f"{fmt(row.get('eval_ppl_before'))} | {after} |"
+        )
+    return lines
 
 
 def model_card(report: dict) -> str:

@@ -52,6 +52,13 @@ def build_student(
         return student, tok, None, {}
     n_total = len(models.decoder_layers(teacher))
     shape = shapes.requested_shape(cfg, teacher.config)  # None: depth only
+    if cfg.student_params is not None and kept_layers is None:
+        # A Ray job resolves the budget by its shape search before the workers start
+        # (train_job.shape_search), so only a run without Ray gets here with a budget.
+        log_fn(
+            f"student_params={cfg.student_params:,}: default shape {shape.name} "
+            f"{shape.sizes()} (the shape search runs in Ray jobs: python -m train_job)"
+        )
     n_keep = shape.layers if shape else cfg.student_layers or max(1, n_total // 2)
     if n_keep > n_total:
         raise ValueError(

@@ -124,7 +124,29 @@ def _evaluation(report: dict | None, summary: dict | None) -> str:
             "<h3>Exports</h3>",
             _table(["export", "perplexity", "max |Δlogit|", "top-1", "tokens/s", "MB"], rows),
         ]
+    parts += _shape_search(report.get("shape_search"))
     return "".join(parts)
+
+
+def _shape_search(search: dict | None) -> list[str]:
+    """The candidates of a parameter-budget job's Ray Tune search, best first."""
+    if not search:
+        return []
+    rows = [
+        [
+            f"{c['name']} (winner)" if c["name"] == search["winner"] else c["name"],
+            "{layers} × {hidden}, ffn {ffn}, heads {heads}/{kv_heads}".format(**c["shape"]),
+            c["params"],
+            c.get("eval_ppl_before"),
+            c.get("eval_ppl") if "error" not in c else "failed",
+        ]
+        for c in search["candidates"]
+    ]
+    head = ["candidate", "shape", "parameters", "ppl before", "ppl after short KD"]
+    return [
+        f"<h3>Shape search ({search['steps']} steps per candidate)</h3>",
+        _table(head, rows),
+    ]
 
 
 def render(job: dict, report: dict | None, curves_png: bytes | None) -> str:

@@ -88,6 +88,7 @@ def build_trainer(
     registry: str | None,
     trust: bool,
     preflight_plan: dict | None = None,
+    shape_search: dict | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -104,6 +105,7 @@ def build_trainer(
             "registry": registry,
             "trust_remote_code": trust,
             "preflight": preflight_plan,  # rank 0 stores it in before.json
+            "shape_search": shape_search,  # rank 0 puts it in metrics and the report
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd.model_files import ModelFilesError
     from kd.preflight import PreflightError, cluster_check
     from train_job.registry_client import RegistryClient
+    from train_job.shape_search import resolve_budget
 
     ray.init(log_to_driver=True)  # joins a running cluster (RAY_ADDRESS) or starts one
     registry = RegistryClient.connect(args.registry)
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         preflight(cfg)
-        build_trainer(cfg, paths, args.registry, args.trust_remote_code, plan).fit()
+        cfg, search = resolve_budget(cfg, paths, registry, args.trust_remote_code)
+        build_trainer(cfg, paths, args.registry, args.trust_remote_code, plan, search).fit()
         metrics = store.read_json(paths.artifact_key("metrics.json"))
     except Exception as e:  # everything a job can die of ends as `failed` with a reason
         reason = _short_reason(e)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import time
 
+from jobs.paths import RAY_KEY, JobPaths
 from kd.config import DistillConfig
 from kd.shapes import Shape, candidate_shapes, shape_params
 
 METRIC = "eval_ppl"
+SEARCH_FILE = "shape_search.json"  # in the job's artifacts: the candidates and the winner
 
 
 def teacher_config(cfg: DistillConfig, trust_remote_code: bool = False):
@@ -172,3 +174,72 @@ def _report(cfg: DistillConfig, t_cfg, shapes: list[Shape], grid, steps: int) ->
         "winner_shape": best["shape"],
         "experiment_path": grid.experiment_path,
     }
+
+
+def resolve_budget(
+    cfg: DistillConfig, paths: JobPaths, registry, trust_remote_code: bool = False
+) -> tuple[DistillConfig, dict | None]:
+    """The job's config with a parameter budget turned into an explicit shape.
+
+    With `student_params` and `search_steps` > 0 the driver runs the search before the
+    TorchTrainer starts: one Ray Tune trial per candidate (visible in the dashboard as
+    the experiment `<job_id>-shape-search`), the candidates and scores stored as the
+    artifact shape_search.json and shown in the job's status. A resumed job reads that
+    file and keeps its winner, so the search runs once per job and the checkpoints
+    always match the shape. Without a budget, or with search_steps 0, `cfg` is returned
+    unchanged (kd.shapes.default_shape then picks the shape in the workers).
+    """
+    if cfg.student_params is None or cfg.search_steps == 0:
+        return cfg, None
+    store, key = paths.storage, paths.artifact_key(SEARCH_FILE)
+    if store.is_file(key):
+        result = store.read_json(key)
+        print(f"shape search: reusing {SEARCH_FILE} (winner {result['winner']})", flush=True)
+    else:
+        t_cfg = teacher_config(cfg, trust_remote_code)
+        shapes = candidate_shapes(t_cfg, cfg.student_params)
+        registry.update_sync(
+            paths.job_id, metrics={"phase": "shape_search", "candidates": len(shapes)}
+        )
+        if len(shapes) == 1:  # nothing to compare: no trial is worth its model loads
+            result = _only(cfg, t_cfg, shapes[0])
+        else:
+            storage_path, storage_fs = store.ray_storage(RAY_KEY)
+            result = search_shapes(
+                cfg,
+                steps=cfg.search_steps,
+                shapes=shapes or None,  # none: search_shapes says which budgets work
+                # Tune keeps its trial folders on a shared folder; on S3 they stay on
+                # the driver's disk and only the summary below is uploaded
+                storage_path=storage_path if storage_fs is None else None,
+                name=f"{paths.job_id}-shape-search",
+                trust_remote_code=trust_remote_code,
+            )
+        store.write_json(key, result)
+        for row in result["candidates"]:
+            print(f"shape search: {_row_line(row)}", flush=True)
+    winner = Shape(**result["winner_shape"])
+    registry.update_sync(paths.job_id, metrics={"phase": "training", "shape": result["winner"]})
+    return winner_config(cfg, winner), result
+
+
+def _only(cfg: DistillConfig, t_cfg, shape: Shape) -> dict:
+    """The search's record when the budget admits one shape (no trial was run)."""
+    row = {"name": shape.name, "shape": shape.to_dict(), "params": shape_params(t_cfg, shape)}
+    return {
+        "budget": cfg.student_params,
+        "steps": 0,
+        "candidates": [row],
+        "winner": shape.name,
+        "winner_shape": shape.to_dict(),
+        "experiment_path": None,
+    }
+
+
+def _row_line(row: dict) -> str:
+    s = row["shape"]
+    score = f"{row[METRIC]:.2f}" if row.get(METRIC) is not None else row.get("error", "?")
+    return (
+        f"{row['name']}: layers={s['layers']} hidden={s['hidden']} ffn={s['ffn']} "
+        f"heads={s['heads']}/{s['kv_heads']} params={row['params']:,} held-out ppl {score}"
+    )

@@ -147,6 +147,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "blocks_seen_by_rank": blocks_by_rank,
             "resumed_from_step": resumed_from if state else None,
         }
+        if loop_config.get("shape_search"):  # the driver's Ray Tune search that chose the shape
+            extra["shape_search"] = loop_config["shape_search"]
         with paths.storage.staged(paths.artifacts_key) as out:
             metrics = pipeline.finalize(run, out, before, history, train_s, started, extra=extra)
         print(json.dumps({"final": pipeline.summary_line(metrics)}), flush=True)
