@@ -424,3 +424,37 @@ def test_compare_student_ppl_is_its_own_full_softmax():
     assert got["kl_teacher_student"] == pytest.approx(float(kl), rel=1e-6)
     agree = (s_lp.argmax(-1) == t_lp.argmax(-1))[tm].double().mean()
     assert got["top1_agreement"] == pytest.approx(float(agree))
+
+
+def test_fused_equals_materialized_on_a_tied_model_with_padding_rows():
+    """The issue's case: a tiny tied Llama student with V_S = 48 against a V_T = 40
+    teacher, every vocabulary term on. Fused and materialized heads give the same loss
+    and the same gradient for every student parameter (tied embedding included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kd.models import DistillForward
+
+    def lm(vocab, seed):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+            initializer_range=0.2,
+        )  # fmt: skip
+        return DistillForward(LlamaForCausalLM(cfg))
+
+    student, teacher = lm(48, 1), lm(40, 0)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    w = LossWeights(alpha_kl=1.0, beta_ce=0.2, lm_ce=1.0, loss_chunk_tokens=5)
+    out = {}
+    for fused in (True, False):
+        s_logits, _, _ = student(ids, mask, fused_lm_head=fused)
+        with torch.no_grad():
+            t_logits, _, _ = teacher(ids, mask, fused_lm_head=fused)
+        loss, _ = hybrid_loss(s_logits, t_logits, mask, w, input_ids=ids)
+        out[fused] = (loss.detach(), torch.autograd.grad(loss, list(student.parameters())))
+    torch.testing.assert_close(out[True][0], out[False][0])
+    for a, b in zip(out[True][1], out[False][1], strict=True):
+        torch.testing.assert_close(a, b)
