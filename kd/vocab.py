@@ -293,10 +293,8 @@ class _FusedVocabTerms(torch.autograd.Function):
         n = max(int(h_s.shape[0]), 1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_grad = need_h or need_w
-        # The data CE needs every student row (its own full softmax); D and CE(argmax)
-        # only the shared prefix, so without lm_ce the padding rows are skipped.
+        # Data CE: every student row (its full softmax); D, CE(argmax): the shared prefix.
         ws, wt = _upcast(w_s if lm_ce != 0.0 else w_s[:vocab]), _upcast(w_t[:vocab])
-        v_s = ws.shape[0]
         grad_h = torch.zeros(h_s.shape, dtype=ws.dtype, device=h_s.device) if need_h else None
         # A frozen head (LoRA) gets no weight gradient and saves a third of the head FLOPs.
         grad_w = torch.zeros(w_s.shape, dtype=ws.dtype, device=w_s.device) if need_w else None
@@ -318,17 +316,15 @@ class _FusedVocabTerms(torch.autograd.Function):
                 labels=None if labels is None else labels[start : start + loss_chunk_tokens],
                 lm_ce=lm_ce,
             )
-            lm_sum += lm
-            kd_sum += d
-            ce_sum += c
+            kd_sum, ce_sum, lm_sum = kd_sum + d, ce_sum + c, lm_sum + lm
             if g is not None:
                 g = g.to(mm)
                 if need_h:
                     grad_h[start : start + loss_chunk_tokens] = g @ ws_mm
                 if need_w and low:
-                    grad_w[:v_s] += (g.T @ hs).to(grad_w.dtype)
+                    grad_w[: ws.shape[0]] += (g.T @ hs).to(grad_w.dtype)
                 elif need_w:
-                    grad_w[:v_s].addmm_(g.T, hs)
+                    grad_w[: ws.shape[0]].addmm_(g.T, hs)
             del g
         kd, ce, lm = kd_sum * (temperature**2) / n, ce_sum / n, lm_sum / n
         total = alpha_kl * kd + beta_ce * ce + lm_ce * lm
