@@ -219,7 +219,12 @@ class DistillConfig(BaseModel):
     # ---- loss ---------------------------------------------------------------------
     temperature: float = Field(2.0, gt=0.0, le=100.0, description="Softmax temperature τ.")
     objective: Objective = Field("forward_kl", description="Divergence D between p_T and p_S.")
-    jsd_beta: float = Field(0.5, ge=0.0, le=1.0, description="β of the generalized JSD.")
+    jsd_beta: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="β of the generalized JSD (teacher weight); 0 is forward KL, 1 reverse KL.",
+    )
     # Default weights: T²·KL + CE(data), the lowest held-out perplexity of the sweep on
     # two seeds (BENCHMARKS.md). beta_ce = delta_cos = 0.1 on top buys ~0.01-0.016 more
     # top-1 agreement with the teacher for 0.7-2.1% higher perplexity.

@@ -69,19 +69,29 @@ def compare(
     max_blocks: int | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Perplexities of both, top-1 next-token agreement and mean KL(teacher‖student)."""
+    """Perplexities of both, top-1 next-token agreement and mean KL(teacher‖student).
+
+    Each perplexity is the model's own full softmax (equal to `perplexity`); only the
+    agreement and the KL use the shared vocabulary prefix when the sizes differ by
+    padding rows.
+    """
     t_fn = logits_fn(teacher) if isinstance(teacher, nn.Module) else teacher
     s_fn = logits_fn(student) if isinstance(student, nn.Module) else student
     sums = {"t_nll": 0.0, "s_nll": 0.0, "agree": 0.0, "kl": 0.0}
     count = 0
     for ids, mask in _batches(data, batch_size, max_blocks, device):
-        s_logits, t_logits = align_vocab(s_fn(ids, mask).float(), t_fn(ids, mask).float())
         tm = target_mask(mask)[:, :-1]
-        s_lp = F.log_softmax(s_logits[:, :-1], -1)[tm]  # [n, V]
-        t_lp = F.log_softmax(t_logits[:, :-1], -1)[tm]
         tgt = ids[:, 1:][tm]
-        sums["s_nll"] -= float(s_lp.gather(1, tgt[:, None]).sum())
-        sums["t_nll"] -= float(t_lp.gather(1, tgt[:, None]).sum())
+        s_logits, t_logits = (
+            s_fn(ids, mask)[:, :-1].float()[tm],
+            t_fn(ids, mask)[:, :-1].float()[tm],
+        )
+        # NLL: each model's own full softmax [n, V_S] / [n, V_T]
+        sums["s_nll"] -= float(F.log_softmax(s_logits, -1).gather(1, tgt[:, None]).sum())
+        sums["t_nll"] -= float(F.log_softmax(t_logits, -1).gather(1, tgt[:, None]).sum())
+        s_logits, t_logits = align_vocab(s_logits, t_logits)
+        s_lp = F.log_softmax(s_logits, -1)  # [n, V], the shared prefix
+        t_lp = F.log_softmax(t_logits, -1)
         sums["agree"] += float((s_lp.argmax(-1) == t_lp.argmax(-1)).sum())
         sums["kl"] += float((t_lp.exp() * (t_lp - s_lp)).sum())
         count += int(tm.sum())

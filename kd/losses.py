@@ -15,8 +15,14 @@ Conventions shared by every term:
 * Logits are [B, L, V] and *aligned*: position t of both models predicts token t+1.
   `hybrid_loss` derives the target mask for that shift itself (position t counts only
   when tokens t and t+1 are both real), `kd_divergence` takes an explicit mask.
-* Every term is averaged over real target tokens. D is summed over the vocabulary and
-  then averaged over tokens (not "batchmean" over [B, L, V], which divides by B only).
+* The vocabulary terms (D, CE, lm) are averaged over real target tokens (`target_mask`,
+  with the loss_mask of generated batches); the hidden-state and attention terms over
+  all real tokens (`attention_mask`). D is summed over the vocabulary and then averaged
+  over tokens (not "batchmean" over [B, L, V], which divides by B only).
+* Gradient accumulation and DDP: `hybrid_loss(..., norm=TokenCounts)` divides each
+  term's token sum by the count of the *global* batch (all micro-batches, all ranks)
+  instead of this batch's own, so the summed gradients are those of one big batch and
+  a short micro-batch weighs no more per token than a full one (`TokenCounts`).
 * Everything vocabulary-sized is computed in fp32 on chunks of `loss_chunk_tokens`
   tokens with closed-form gradients, from materialized logits or, with
   `fused_lm_head`, from hidden states + LM heads (`FusedLMHead`: no [B, L, V] tensor at
@@ -47,6 +53,7 @@ __all__ = [
     "FusedLMHead",
     "HiddenProjection",
     "LossWeights",
+    "TokenCounts",
     "align_vocab",
     "attention_mse",
     "attention_term",
@@ -58,6 +65,7 @@ __all__ = [
     "kd_divergence",
     "lm_cross_entropy",
     "target_mask",
+    "term_count",
     "validate_objective",
     "vocab_terms",
     "vocabulary_terms",
@@ -187,6 +195,42 @@ class LossWeights:
         return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
+@dataclass(frozen=True)
+class TokenCounts:
+    """The token counts the loss terms are averaged over.
+
+    targets: positions with a real target token (`target_mask`, loss_mask included),
+    the count of the vocabulary terms kd, ce and lm; tokens: real tokens
+    (attention_mask), the count of the hidden-state and attention terms mse, cos, attn.
+    """
+
+    targets: float
+    tokens: float
+
+    @classmethod
+    def of(cls, attention_mask: Tensor, loss_mask: Tensor | None = None) -> TokenCounts:
+        """Counts of one batch: attention_mask, loss_mask [B, L] as for `hybrid_loss`."""
+        tm = target_mask(attention_mask, loss_mask)
+        return cls(float(tm.sum()), float(attention_mask.bool().sum()))
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(self.targets + other.targets, self.tokens + other.tokens)
+
+
+# The metric keys of the vocabulary terms, averaged over TokenCounts.targets.
+_TARGET_KEYS = frozenset(LOSS_TERMS[k] for k in ("alpha_kl", "beta_ce", "lm_ce"))
+
+
+def term_count(key: str, counts: TokenCounts) -> float:
+    """The count a `LOSS_TERMS` metric key is averaged over (targets or real tokens)."""
+    return counts.targets if key in _TARGET_KEYS else counts.tokens
+
+
+def _share(local: float, total: float) -> float:
+    """local / total: this batch's weight in a mean over the global batch."""
+    return local / total if total > 0 else 0.0
+
+
 Term = tuple[Tensor, dict[str, Tensor]]  # (weighted sum, unweighted detached values by key)
 
 
@@ -312,6 +356,7 @@ def hybrid_loss(
     teacher_attn: Tensor | None = None,
     projection: nn.Module | None = None,
     loss_mask: Tensor | None = None,
+    norm: TokenCounts | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = vocabulary terms + hidden-state terms + attention term (see the module doc).
 
@@ -325,9 +370,14 @@ def hybrid_loss(
         loss_mask: [B, L], optional: 1 on the tokens that are targets (a generated
             continuation); the vocabulary terms and lm_ce count only those (see
             `target_mask`). The hidden-state and attention terms keep every real token.
+        norm: the counts of the global batch this batch is part of (every micro-batch
+            of the step on every rank). Each term is then Σ over this batch's tokens /
+            the global count, so the totals of all the batches add up to the loss of
+            the global batch. None: this batch is the whole batch.
     Returns:
         (total, parts): parts holds the unweighted, detached value of each active term
-        under its `LOSS_TERMS` key ("kd", "ce", "lm", "mse", "cos", "attn") and "loss".
+        under its `LOSS_TERMS` key ("kd", "ce", "lm", "mse", "cos", "attn"), its mean
+        over this batch, and "loss", the total (this batch's share with `norm`).
     """
     vocab, parts = vocabulary_terms(
         student_logits, teacher_logits, attention_mask, weights, input_ids, loss_mask
@@ -336,6 +386,11 @@ def hybrid_loss(
         student_hidden, teacher_hidden, attention_mask, weights, projection
     )
     attn, attn_parts = attention_term(student_attn, teacher_attn, attention_mask, weights)
+    if norm is not None:  # mean over this batch × its count = Σ; then / the global count
+        local = TokenCounts.of(attention_mask, loss_mask)
+        vocab = vocab * _share(local.targets, norm.targets)
+        hidden = hidden * _share(local.tokens, norm.tokens)
+        attn = attn * _share(local.tokens, norm.tokens)
     total = vocab + hidden + attn
     parts |= hidden_parts | attn_parts
     parts["loss"] = total.detach()

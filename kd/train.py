@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kd import evaluate, models, rollout
 from kd.config import DistillConfig
 from kd.data import BlockSampler, Packed, build_datasets
-from kd.losses import HiddenProjection, LossWeights, hybrid_loss
+from kd.losses import HiddenProjection, LossWeights, TokenCounts, hybrid_loss, term_count
 from kd.optim import make_optimizer, make_scheduler
 from kd.student import build_student
 
@@ -220,27 +221,76 @@ def on_log(report: Callable[[dict[str, float]], None]) -> OnEvent:
     return handle
 
 
+@dataclass
+class StepStats:
+    """One optimizer step on this rank (`train_step`).
+
+    sums, counts: per loss-term key, Σ mean × count and Σ count over this rank's
+    micro-batches (`kd.losses.term_count`: target tokens for kd/ce/lm, real tokens for
+    mse/cos/attn). loss: this rank's share of the step's loss (summed over the ranks,
+    the token-weighted loss of the global batch). other: grad_norm (the same on every
+    rank: the gradients are all-reduced before clipping), on_policy, rollout_s, train_s.
+    tokens: real tokens this rank trained on.
+    """
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    loss: float = 0.0
+    other: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+
+
+def _all_ranks_sum(values: list[float], device: torch.device) -> list[float]:
+    """Σ over the ranks when torch.distributed runs (a collective: every rank calls it
+    with the same length), else the values themselves."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    # NCCL reduces only device tensors; gloo only CPU ones.
+    dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class _Window:
-    """Sums of the step metrics since the last logging step."""
+    """The step metrics since the last logging step, reduced over the ranks at flush."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
+        self.acc = StepStats()
+        self.steps, self.t0 = 0, time.perf_counter()
 
-    def add(self, parts: dict[str, float], tokens: int) -> None:
-        for k, v in parts.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def add(self, st: StepStats) -> None:
+        a = self.acc
+        for src, dst in ((st.sums, a.sums), (st.counts, a.counts), (st.other, a.other)):
+            for k, v in src.items():
+                dst[k] = dst.get(k, 0.0) + v
+        a.loss += st.loss
+        a.tokens += st.tokens
         self.steps += 1
-        self.tokens += tokens
 
     def flush(self, run: Run) -> dict[str, float]:
-        """The averages with step, lr, tokens/s and epoch; starts a new window."""
+        """Token-weighted means of the loss terms and the mean step loss over all ranks,
+        the other step values averaged, step, lr, tokens/s (all ranks) and epoch; starts
+        a new window. A collective under torch.distributed: every rank logs together.
+        """
+        a, world = self.acc, _world()
         elapsed = time.perf_counter() - self.t0
-        out = {k: v / self.steps for k, v in self.sums.items()}
+        terms, other = sorted(a.sums), sorted(a.other)  # the same keys on every rank
+        flat = [a.sums[k] for k in terms] + [a.counts[k] for k in terms]
+        flat += [a.other[k] for k in other] + [a.loss, float(a.tokens)]
+        red = _all_ranks_sum(flat, run.device)
+        n = len(terms)
+        out = {k: red[i] / red[n + i] if red[n + i] > 0 else 0.0 for i, k in enumerate(terms)}
+        out |= {k: red[2 * n + i] / (self.steps * world) for i, k in enumerate(other)}
+        out["loss"] = red[-2] / self.steps
         out.update(
             step=run.step,
             lr=run.scheduler.get_last_lr()[0],
-            tokens_per_s=self.tokens / max(elapsed, 1e-9),
+            tokens_per_s=red[-1] / max(elapsed, 1e-9),
             epoch=run.sampler.epoch,
         )
         self.__init__()
@@ -261,8 +311,7 @@ def train(run: Run, on_event: OnEvent | None = None) -> dict[str, float]:
     source = rollout.BatchSource(run)  # data batches, or generated ones (lmbda, seq_kd)
     window, last = _Window(), {}
     while run.step < cfg.max_steps:
-        parts, tokens = train_step(run, weights, source)
-        window.add(parts, tokens)
+        window.add(train_step(run, weights, source))
         due = schedule(cfg, run.step)
         if due.log:
             last = window.flush(run)
@@ -275,28 +324,36 @@ def train(run: Run, on_event: OnEvent | None = None) -> dict[str, float]:
 
 def train_step(
     run: Run, weights: LossWeights, source: rollout.BatchSource | None = None
-) -> tuple[dict[str, float], int]:
+) -> StepStats:
     """One optimizer step over grad_accum_steps micro-batches.
 
-    Returns (the loss parts averaged over micro-batches plus grad_norm, the on-policy
-    share, rollout_s and train_s; real tokens seen).
+    The step minimises the loss of the global batch (every micro-batch on every rank),
+    each term token-weighted: the batches are fetched first, their target and real
+    token counts summed over the micro-batches and all-reduced over the ranks, and each
+    micro-batch backpropagates its token sums divided by those global counts. A short
+    micro-batch (the tail block, a short generation) then weighs per token exactly what
+    a full one does, as in one big batch.
     """
     cfg = run.cfg
     source = source or rollout.BatchSource(run)
     run.optimizer.zero_grad(set_to_none=True)
-    parts: dict[str, float] = {"on_policy": 0.0}
-    tokens, t_step, rollout_s = 0, time.perf_counter(), 0.0
-    for micro in range(cfg.grad_accum_steps):
-        t0 = time.perf_counter()
-        batch = source.next_batch(run.step, micro)
-        rollout_s += time.perf_counter() - t0  # generation and batch assembly
+    st = StepStats(other={"on_policy": 0.0})
+    t_step = time.perf_counter()
+    batches = [source.next_batch(run.step, micro) for micro in range(cfg.grad_accum_steps)]
+    rollout_s = time.perf_counter() - t_step  # generation and batch assembly
+    local = [TokenCounts.of(b["attention_mask"], b.get("loss_mask")) for b in batches]
+    total = sum(local, TokenCounts(0.0, 0.0))
+    norm = TokenCounts(*_all_ranks_sum([total.targets, total.tokens], run.device))
+    for micro, (batch, counts) in enumerate(zip(batches, local, strict=True)):
         # DDP syncs gradients only on the last micro-batch of a step.
         sync = micro == cfg.grad_accum_steps - 1
-        micro_parts, n = _micro_batch(run, weights, batch, sync=sync)
-        micro_parts["on_policy"] = float(batch["on_policy"])
-        for k, v in micro_parts.items():
-            parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum_steps
-        tokens += n
+        parts = _micro_batch(run, weights, batch, sync=sync, norm=norm)
+        st.loss += float(parts.pop("loss"))
+        for k, v in parts.items():  # local means -> token sums
+            st.sums[k] = st.sums.get(k, 0.0) + float(v) * term_count(k, counts)
+            st.counts[k] = st.counts.get(k, 0.0) + term_count(k, counts)
+        st.other["on_policy"] += float(batch["on_policy"]) / cfg.grad_accum_steps
+        st.tokens += int(counts.tokens)
     params = [p for p in run.student_fwd.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
     if not math.isfinite(grad_norm):
@@ -307,18 +364,21 @@ def train_step(
     run.optimizer.step()
     run.scheduler.step()
     run.step += 1
-    parts["grad_norm"] = grad_norm
+    st.other["grad_norm"] = grad_norm
     if cfg.generates:  # off-policy runs have no rollout to time apart
-        parts["rollout_s"] = rollout_s
-        parts["train_s"] = time.perf_counter() - t_step - rollout_s
+        st.other["rollout_s"] = rollout_s
+        st.other["train_s"] = time.perf_counter() - t_step - rollout_s
     else:
-        del parts["on_policy"]
-    return parts, tokens
+        del st.other["on_policy"]
+    return st
 
 
-def _micro_batch(run: Run, weights: LossWeights, batch: dict, sync: bool) -> tuple[dict, int]:
-    """Forward both models on one micro-batch (`rollout.BatchSource`), backward the
-    scaled loss. Returns (the loss parts of `hybrid_loss`, real tokens in the batch).
+def _micro_batch(
+    run: Run, weights: LossWeights, batch: dict, sync: bool, norm: TokenCounts
+) -> dict:
+    """Forward both models on one micro-batch (`rollout.BatchSource`), backward its
+    share of the global batch's loss (`norm`: that batch's token counts). Returns the
+    loss parts of `hybrid_loss` (term means over this micro-batch, "loss" its share).
     """
     cfg, dev, fwd = run.cfg, run.device, run.student_fwd
     ids = batch["input_ids"].to(dev, non_blocking=True)
@@ -334,7 +394,8 @@ def _micro_batch(run: Run, weights: LossWeights, batch: dict, sync: bool) -> tup
     if cfg.needs_teacher:  # the no-teacher baseline (lm_ce only) skips it
         with torch.no_grad(), run.autocast:
             t_logits, t_hidden, t_attn = run.teacher_fwd(ids, mask, **kw)
-    no_sync = fwd.no_sync() if (not sync and hasattr(fwd, "no_sync")) else contextlib.nullcontext()
+    ddp = hasattr(fwd, "no_sync")
+    no_sync = fwd.no_sync() if (not sync and ddp) else contextlib.nullcontext()
     with no_sync:
         with run.autocast:
             s_logits, s_hidden, s_attn = fwd(ids, mask, **kw)
@@ -349,13 +410,16 @@ def _micro_batch(run: Run, weights: LossWeights, batch: dict, sync: bool) -> tup
             student_attn=s_attn,
             teacher_attn=t_attn,
             loss_mask=loss_mask,
+            norm=norm,
         )
         # With fused_lm_head the loss computed the logits chunk by chunk; otherwise it
         # keeps its own gradient buffer, not the logits: drop both [B, L, V] tensors so
         # they are not alive at the backward's peak.
         del t_logits, s_logits
-        (loss / cfg.grad_accum_steps).backward()
-    return parts, int(mask.sum())
+        # DDP averages the gradients over the ranks; the loss is already divided by the
+        # global count, so undo that average: the result is Σ over ranks.
+        (loss * (_world() if ddp else 1)).backward()
+    return parts
 
 
 def eval_student_ppl(run: Run) -> float:

@@ -40,9 +40,11 @@ def _divergence_rows(
     reverse_kl: KL(p_S‖p_T) = Σ p_S r, r = log p_S − log p_T;  dD/ds = p_S ⊙ (r − D)
     jsd:        β·KL(p_T‖m) + (1−β)·KL(p_S‖m), m = β p_T + (1−β) p_S;
                 dD/dp_S = (1−β) log(p_S/m) =: g,  dD/ds = p_S ⊙ (g − Σ p_S g)
-    The β = 0 and β = 1 limits of the JSD are 0 (m equals one side); GKD's convention
-    maps them to the KLs, which `forward_kl` / `reverse_kl` already provide.
+    At β = 0 and β = 1 the JSD itself is identically 0 (m equals one side), so those
+    values follow TRL GKD's convention instead: β = 0 is forward KL, β = 1 reverse KL
+    (`effective_objective`).
     """
+    objective = effective_objective(objective, jsd_beta)
     if objective == "forward_kl":
         # In place (both inputs are consumed): at most three [n, V] tensors alive.
         p_t = t_logp.exp()
@@ -56,9 +58,6 @@ def _divergence_rows(
         grad = p_s * (r - d.unsqueeze(-1)) if want_grad else None
     elif objective == "jsd":
         p_t = t_logp.exp()
-        if jsd_beta <= 0.0 or jsd_beta >= 1.0:
-            d = torch.zeros(s_logp.shape[0], dtype=s_logp.dtype, device=s_logp.device)
-            return d, (torch.zeros_like(s_logp) if want_grad else None)
         log_m = torch.logaddexp(t_logp + math.log(jsd_beta), s_logp + math.log(1.0 - jsd_beta))
         kl_t = torch.sum(p_t * (t_logp - log_m), dim=-1)
         kl_s = torch.sum(p_s * (s_logp - log_m), dim=-1)
@@ -71,6 +70,16 @@ def _divergence_rows(
     else:  # pragma: no cover - guarded by validate_objective
         raise ValueError(objective)
     return d, grad
+
+
+def effective_objective(objective: str, jsd_beta: float) -> str:
+    """The divergence actually computed: "jsd" with β = 0 is "forward_kl" and with β = 1
+    "reverse_kl" (TRL GKD's convention; the JSD there is 0 with a zero gradient)."""
+    if objective == "jsd" and jsd_beta <= 0.0:
+        return "forward_kl"
+    if objective == "jsd" and jsd_beta >= 1.0:
+        return "reverse_kl"
+    return objective
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -96,45 +105,83 @@ def _chunk_terms(
     labels: Tensor | None = None,
     lm_ce: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The vocabulary terms of one chunk of fp32 logits s, t: [c, V] (both consumed).
+    """The vocabulary terms of one chunk of fp32 logits s: [c, V_S], t: [c, V_T] (both
+    consumed).
 
     labels: [c] the data's next tokens, for the CE on the data weighted by lm_ce.
-    Returns (Σ D, Σ CE(argmax t), Σ CE(labels), dL/ds) where dL/ds is already weighted
-    and divided by the number of rows n of the whole batch (inv_n = 1/n). The CE terms
-    come first so that the raw logits can be freed before the temperature-scaled
-    log-probabilities exist.
+    D and CE(argmax t) use the shared prefix v = min(V_S, V_T) (the vocabularies are
+    aligned for distillation only); CE(labels) is the student's NLL under its own full
+    softmax over V_S, so padding rows beyond V_T get its gradient too.
+    Returns (Σ D, Σ CE(argmax t), Σ CE(labels), dL/ds [c, V_S]) where dL/ds is already
+    weighted and divided by the number of rows n of the whole batch (inv_n = 1/n). The
+    CE terms come first so that the raw logits can be freed before the
+    temperature-scaled log-probabilities exist.
     """
+    v = min(s.shape[1], t.shape[1])
+    t = t[:, :v]
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
     kd_sum, ce_sum, lm_sum, g = zero, zero, zero, None
     if beta_ce != 0.0 or lm_ce != 0.0:
-        rows = torch.arange(s.shape[0], device=s.device)
-        s_logp1 = F.log_softmax(s, dim=-1)
-        target = t.argmax(dim=-1) if beta_ce != 0.0 else None
-        if target is not None:
-            ce_sum = -s_logp1[rows, target].sum()
-        if lm_ce != 0.0:
-            lm_sum = -s_logp1[rows, labels].sum()
-        if want_grad:  # Σ_k w_k (softmax(s) − onehot(y_k))
-            g = s_logp1.exp_().mul_(beta_ce + lm_ce)
-            if target is not None:
-                g[rows, target] -= beta_ce
-            if lm_ce != 0.0:
-                g[rows, labels] -= lm_ce
-            g.mul_(inv_n)
-        del s_logp1
+        ce_sum, lm_sum, g = _hard_ce(s, t, v, labels, beta_ce, lm_ce, want_grad)
+        g = g.mul_(inv_n) if g is not None else None
     if alpha_kl != 0.0:
         inv_t = 1.0 / temperature
         t_logp = F.log_softmax(t.mul_(inv_t), dim=-1)
         del t
-        s_logp = F.log_softmax(s.mul_(inv_t), dim=-1)
+        s_logp = F.log_softmax(s[:, :v].mul_(inv_t), dim=-1)
         d, dd = _divergence_rows(s_logp, t_logp, objective, jsd_beta, want_grad)
         del s_logp, t_logp
         kd_sum = d.sum()
         if want_grad:
             # d(T² D)/dz = T² · dD/ds · (1/T) = T · dD/ds
             dd.mul_(alpha_kl * temperature * inv_n)
-            g = dd if g is None else g.add_(dd)
+            if g is None and v == s.shape[1]:
+                g = dd
+            else:
+                g = torch.zeros_like(s) if g is None else g
+                g[:, :v].add_(dd)
     return kd_sum, ce_sum, lm_sum, g
+
+
+def _hard_ce(
+    s: Tensor,
+    t: Tensor,
+    v: int,
+    labels: Tensor | None,
+    beta_ce: float,
+    lm_ce: float,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(Σ CE(s[:, :v], argmax t), Σ CE(s, labels), their weighted gradient [c, V_S]).
+
+    s: [c, V_S] student logits, t: [c, v] teacher logits on the shared prefix. The
+    argmax CE is renormalised over the prefix (it is a distillation term), the data CE
+    uses the full softmax. Gradient: Σ_k w_k (softmax_k(s) − onehot(y_k)), unscaled by 1/n.
+    """
+    rows = torch.arange(s.shape[0], device=s.device)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    logp = F.log_softmax(s, dim=-1)  # [c, V_S], the student's own softmax
+    ce_sum, lm_sum, g = zero, zero, None
+    padded = v < s.shape[1]
+    # log of the prefix's share of the probability mass: renormalises to the prefix
+    lse = torch.logsumexp(logp[:, :v], dim=-1) if padded and beta_ce != 0.0 else None
+    target = t.argmax(dim=-1) if beta_ce != 0.0 else None
+    if target is not None:
+        picked = logp[rows, target]
+        ce_sum = -(picked - lse).sum() if lse is not None else -picked.sum()
+    if lm_ce != 0.0:
+        lm_sum = -logp[rows, labels].sum()
+    if want_grad:
+        p = logp.exp_()  # softmax over V_S, in place: one [c, V_S] tensor
+        q = p[:, :v] / lse.exp().unsqueeze(-1) if lse is not None else None
+        g = p.mul_(lm_ce if q is not None else beta_ce + lm_ce)
+        if q is not None:
+            g[:, :v].add_(q, alpha=beta_ce)
+        if target is not None:
+            g[rows, target] -= beta_ce
+        if lm_ce != 0.0:
+            g[rows, labels] -= lm_ce
+    return ce_sum, lm_sum, g
 
 
 class _VocabTerms(torch.autograd.Function):
@@ -246,7 +293,8 @@ class _FusedVocabTerms(torch.autograd.Function):
         n = max(int(h_s.shape[0]), 1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_grad = need_h or need_w
-        ws, wt = _upcast(w_s[:vocab]), _upcast(w_t[:vocab])
+        # Data CE: every student row (its full softmax); D, CE(argmax): the shared prefix.
+        ws, wt = _upcast(w_s if lm_ce != 0.0 else w_s[:vocab]), _upcast(w_t[:vocab])
         grad_h = torch.zeros(h_s.shape, dtype=ws.dtype, device=h_s.device) if need_h else None
         # A frozen head (LoRA) gets no weight gradient and saves a third of the head FLOPs.
         grad_w = torch.zeros(w_s.shape, dtype=ws.dtype, device=w_s.device) if need_w else None
@@ -268,17 +316,15 @@ class _FusedVocabTerms(torch.autograd.Function):
                 labels=None if labels is None else labels[start : start + loss_chunk_tokens],
                 lm_ce=lm_ce,
             )
-            lm_sum += lm
-            kd_sum += d
-            ce_sum += c
+            kd_sum, ce_sum, lm_sum = kd_sum + d, ce_sum + c, lm_sum + lm
             if g is not None:
                 g = g.to(mm)
                 if need_h:
                     grad_h[start : start + loss_chunk_tokens] = g @ ws_mm
                 if need_w and low:
-                    grad_w[:vocab] += (g.T @ hs).to(grad_w.dtype)
+                    grad_w[: ws.shape[0]] += (g.T @ hs).to(grad_w.dtype)
                 elif need_w:
-                    grad_w[:vocab].addmm_(g.T, hs)
+                    grad_w[: ws.shape[0]].addmm_(g.T, hs)
             del g
         kd, ce, lm = kd_sum * (temperature**2) / n, ce_sum / n, lm_sum / n
         total = alpha_kl * kd + beta_ce * ce + lm_ce * lm
@@ -320,10 +366,10 @@ def fused_vocab_terms(
         labels: [B, L] the data's next token at each position, for lm_ce·CE(labels)
             (the same cross-entropy as `lm_cross_entropy`, fused in the same pass).
     Returns:
-        (alpha_kl·T²·D + beta_ce·CE + lm_ce·LM, T²·D, CE, LM), equal to `vocab_terms` (and
-        `lm_cross_entropy`) on the materialized
-        logits (the shared vocabulary prefix when V_S != V_T). Differentiable with
-        respect to the student's hidden state and head weight.
+        (alpha_kl·T²·D + beta_ce·CE + lm_ce·LM, T²·D, CE, LM), equal to `vocab_terms` on
+        the materialized logits aligned to the shared vocabulary prefix (when V_S != V_T)
+        and to `lm_cross_entropy` on the student's full [.., V_S] logits. Differentiable
+        with respect to the student's hidden state and head weight.
     """
     rows = _flat_rows(mask.bool())
     loss_chunk_tokens = _checked_chunk(objective, temperature, loss_chunk_tokens, rows)

@@ -1,5 +1,6 @@
 """Loss math against direct reference implementations."""
 
+import dataclasses
 import math
 
 import pytest
@@ -131,6 +132,27 @@ def test_jsd_limits_match_gkd_properties():
     assert torch.allclose(a, b, atol=1e-6)
     # bounded by T^2 * log 2
     assert a.item() <= 4.0 * math.log(2) + 1e-6
+
+
+@pytest.mark.parametrize(("beta", "kl"), [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_beta_endpoints_are_the_kls(beta, kl):
+    """jsd_beta 0 and 1 (valid config values) train forward and reverse KL, as TRL GKD
+    maps them; the JSD itself is identically 0 there and would train nothing."""
+    s, t, mask = rand_case()
+    x, y = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    got = kd_divergence(x, t, mask, temperature=2.0, objective="jsd", jsd_beta=beta)
+    ref = ref_divergence(y, t, mask, 2.0, kl)
+    torch.testing.assert_close(got, ref)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    assert got.item() > 0 and x.grad.abs().sum() > 0
+    # the fused head takes the same path
+    h_s, w_s, h_t, w_t, m = _head_case()
+    w = LossWeights(objective="jsd", jsd_beta=beta)
+    fused, _ = hybrid_loss(FusedLMHead(h_s, w_s), FusedLMHead(h_t, w_t), m, w)
+    plain, _ = hybrid_loss(h_s @ w_s.T, h_t @ w_t.T, m, dataclasses.replace(w, objective=kl))
+    torch.testing.assert_close(fused, plain)
 
 
 def test_hybrid_ce_on_teacher_argmax_with_causal_shift():
@@ -351,10 +373,13 @@ def test_lm_ce_alone_is_the_no_teacher_baseline():
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
-def test_fused_data_ce_equals_lm_cross_entropy(chunk):
+@pytest.mark.parametrize("vocabs", [(11, 11), (13, 11), (11, 13)])
+def test_fused_data_ce_equals_lm_cross_entropy(chunk, vocabs):
     """lm_ce inside the fused pass: same value and gradients as lm_cross_entropy on the
-    materialized logits, alongside KD and CE(argmax) in the same chunks."""
-    h_s, w_s, h_t, w_t, mask = _head_case(Vs=11, Vt=11)
+    materialized logits, alongside KD and CE(argmax) in the same chunks. With V_S > V_T
+    (padding rows) the data CE is the student's own full softmax, as materialized: its
+    extra rows get the data-CE gradient, the KD terms use the shared prefix."""
+    h_s, w_s, h_t, w_t, mask = _head_case(Vs=vocabs[0], Vt=vocabs[1])
     ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
     w = LossWeights(alpha_kl=1.0, beta_ce=0.2, lm_ce=0.7, loss_chunk_tokens=chunk)
     fused, parts = hybrid_loss(FusedLMHead(h_s, w_s), FusedLMHead(h_t, w_t), mask, w, input_ids=ids)
@@ -365,4 +390,71 @@ def test_fused_data_ce_equals_lm_cross_entropy(chunk):
     torch.testing.assert_close(parts["lm"], lm_cross_entropy(h_s @ w_s.T, ids, mask).detach())
     torch.testing.assert_close(parts["lm"], parts_plain["lm"])
     for a, b in zip(g_fused, g_plain, strict=True):
+        torch.testing.assert_close(a, b)
+    if vocabs[0] > vocabs[1]:  # the padding rows are pushed down by the data CE
+        assert g_fused[1][vocabs[1] :].abs().sum() > 0
+
+
+def test_compare_student_ppl_is_its_own_full_softmax():
+    """compare()'s perplexities come from each model's own full softmax, equal to
+    perplexity(); only agreement and KL use the shared vocabulary prefix."""
+    from kd.data import Packed
+    from kd.evaluate import compare, perplexity
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 10, (3, 6), generator=g)
+    attn = torch.ones(3, 6, dtype=torch.long)
+    attn[2, 4:] = 0
+    data = Packed(ids, attn)
+    s_table, t_table = torch.randn(10, 14, generator=g), torch.randn(10, 10, generator=g)
+
+    def student(i, m):  # V_S = 14: 4 padding rows beyond the teacher's 10
+        return s_table[i]
+
+    def teacher(i, m):
+        return t_table[i]
+
+    got = compare(teacher, student, data, batch_size=2)
+    assert got["student_ppl"] == pytest.approx(perplexity(student, data, batch_size=2))
+    assert got["teacher_ppl"] == pytest.approx(perplexity(teacher, data, batch_size=2))
+    s_lp = F.log_softmax(s_table[ids][:, :-1, :10], -1)
+    t_lp = F.log_softmax(t_table[ids][:, :-1], -1)
+    tm = target_mask(attn)[:, :-1]
+    kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)[tm].mean()
+    assert got["kl_teacher_student"] == pytest.approx(float(kl), rel=1e-6)
+    agree = (s_lp.argmax(-1) == t_lp.argmax(-1))[tm].double().mean()
+    assert got["top1_agreement"] == pytest.approx(float(agree))
+
+
+def test_fused_equals_materialized_on_a_tied_model_with_padding_rows():
+    """The issue's case: a tiny tied Llama student with V_S = 48 against a V_T = 40
+    teacher, every vocabulary term on. Fused and materialized heads give the same loss
+    and the same gradient for every student parameter (tied embedding included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kd.models import DistillForward
+
+    def lm(vocab, seed):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+            initializer_range=0.2,
+        )  # fmt: skip
+        return DistillForward(LlamaForCausalLM(cfg))
+
+    student, teacher = lm(48, 1), lm(40, 0)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    w = LossWeights(alpha_kl=1.0, beta_ce=0.2, lm_ce=1.0, loss_chunk_tokens=5)
+    out = {}
+    for fused in (True, False):
+        s_logits, _, _ = student(ids, mask, fused_lm_head=fused)
+        with torch.no_grad():
+            t_logits, _, _ = teacher(ids, mask, fused_lm_head=fused)
+        loss, _ = hybrid_loss(s_logits, t_logits, mask, w, input_ids=ids)
+        out[fused] = (loss.detach(), torch.autograd.grad(loss, list(student.parameters())))
+    torch.testing.assert_close(out[True][0], out[False][0])
+    for a, b in zip(out[True][1], out[False][1], strict=True):
         torch.testing.assert_close(a, b)

@@ -35,14 +35,6 @@ class CheckpointWriteError(RuntimeError):
     """Storage refused a checkpoint; the message names the step, folder and OS error."""
 
 
-def _world_sum(value: float) -> float:
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
-    return value
-
-
 def _gather(obj: object) -> list[object]:
     if dist.is_available() and dist.is_initialized():
         out: list[object] = [None] * dist.get_world_size()
@@ -109,7 +101,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             resumed_from_step=resumed_from if state else None,
             before={k: before.get(k) for k in ("teacher_ppl", "student_ppl")},
         )
-    # What each report carries: the last logged metrics, tokens/s summed over ranks.
+    # What each report carries: the last logged metrics. kd.train already reduced them
+    # over the ranks (token-weighted loss terms, tokens/s summed), so every rank holds
+    # the same numbers and rank 0's are the job's.
     reported: dict[str, float] = {"step": float(run.step)}
     t0, step0 = time.time(), run.step
     run_uri = paths.storage.uri(f"{RAY_KEY}/{paths.job_id}")
@@ -118,7 +112,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         nonlocal reported
         if event.due.log:
             m = dict(event.metrics)
-            m["tokens_per_s"] = _world_sum(m["tokens_per_s"])  # all ranks, not just this one
             reported = m
             if rank == 0:
                 history.append(m)
