@@ -275,17 +275,18 @@ def _split_files(folder: Path) -> dict[str, list[Path]] | None:
     return out if set(out) - {"train"} else None
 
 
-def dataset_source(name: str) -> Source:
-    """What the dataset `name` is (`kd.names.classify`), with the job's rule on relative
-    paths applied: refused in a job submitted through the API, logged on the command line."""
+def dataset_source(name: str, field: str = "dataset") -> Source:
+    """What the dataset `name` (the config's `field`) is (`kd.names.classify`), with the
+    job's rule on relative paths applied: refused in a job submitted through the API,
+    logged on the command line."""
     src = readable(name, "dataset", DataError)
     if src.kind == "s3":
         raise DataError(
-            f"dataset '{name}': S3 datasets are not supported; copy the files to a folder "
+            f"{field} '{name}': S3 datasets are not supported; copy the files to a folder "
             "the workers can read, or use a Hugging Face dataset id"
         )
     if src.kind == "local" and not Path(src.location).exists():
-        raise DataError(f"dataset path '{name}' does not exist")
+        raise DataError(f"{field} path '{name}' does not exist")
     return src
 
 

@@ -164,7 +164,7 @@ def test_train_job_preflight_refuses_relative_dataset_in_api_job(workdir, monkey
 
     monkeypatch.setenv(ORIGIN_ENV, API_ORIGIN)
     cfg = DistillConfig(dataset="data.jsonl")
-    with pytest.raises(DataError, match="dataset: .*not an absolute path"):
+    with pytest.raises(DataError, match="dataset 'data.jsonl' is not an absolute path"):
         preflight(cfg)
 
 

@@ -65,7 +65,7 @@ def preflight(cfg: DistillConfig) -> None:
     from transformers import AutoConfig
 
     from kd.models import ModelLoadError, resolve_source
-    from kd.sources import DataError, dataset_source
+    from kd.sources import dataset_source
 
     names = [cfg.teacher_model] + ([] if cfg.derives_student else [cfg.student_model])
     for name in names:
@@ -77,10 +77,7 @@ def preflight(cfg: DistillConfig) -> None:
     for field, ds in (("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset)):
         if ds is None:
             continue
-        try:  # kd.names: what the name is; a missing or (API job) relative path fails here
-            dataset_source(ds)
-        except DataError as e:
-            raise DataError(f"{field}: {e}") from None
+        dataset_source(ds, field)  # a missing or (in an API job) relative path fails here
 
 
 def build_trainer(
