@@ -7,4 +7,5 @@ Modules:
     schemas   the HTTP API's response bodies (JobPublic, SubmitResponse, ArtifactList, ...)
     storage   `Storage`: a shared folder or an S3 prefix, over keys relative to the root
     paths     the storage layout: `JobPaths` (config, artifacts, error), job ids, fixed keys
+    resume    a resubmitted job against its latest checkpoint's config: what may change
 """

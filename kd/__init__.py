@@ -2,12 +2,14 @@
 loads neither torch nor Ray: the HTTP API and the client use the job spec from here.
 
 Modules:
-    config    the job spec `DistillConfig`; LOSS_TERMS, OBJECTIVES, LAYER_SELECTIONS (no torch)
+    config    the job spec `DistillConfig`; LOSS_TERMS, OBJECTIVES, LAYER_SELECTIONS,
+              MODEL_DATA_FIELDS and config_changes (what a resume may change) (no torch)
     fmt       one number format for progress lines, report.md and the HTML page (no torch)
     sources   reading corpora (embedded, local files and folders, HF datasets) as documents
     data      packing into blocks, the held-out split of whole documents, the sampler
     preflight before anything loads: tokenizers match, the memory plan fits (no torch)
-    names     what a model name refers to: embedded GGUF, .gguf file, folder, Hub (no torch)
+    names     what a model or dataset name is (classify: embedded, local, Hub, S3), and
+              where a model loads from (no torch)
     model_files  a model's config and tokenizer read from its files, GGUF header included
     memory_plan  bytes per worker: weights, gradients, optimizer, activations, chunks
     models    loading teachers/students (HF folder, .gguf, embedded), DistillForward, LoRA

@@ -11,6 +11,7 @@ training, and writes the student (safetensors, tokenizer, resolved config), a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from kd import pipeline
-from kd.config import load_config
+from kd.config import DistillConfig, config_changes, load_config, resume_refusal
 from kd.exports import write_json
 from kd.fmt import metric_line
 from kd.model_files import ModelFilesError
@@ -56,6 +57,19 @@ def save_checkpoint(run: Run, out: Path) -> None:
     write_json(folder / "distill_config.json", run.cfg.model_dump(mode="json"))
 
 
+def _resume_problem(args: argparse.Namespace, cfg: DistillConfig) -> str | None:
+    """With --resume and a checkpoint: refuse changed model/data fields, print the rest."""
+    saved = Path(args.out) / CKPT / "distill_config.json"
+    if not (args.resume and saved.is_file()):
+        return None
+    refused, allowed = config_changes(json.loads(saved.read_text()), cfg.model_dump(mode="json"))
+    if refused:
+        return resume_refusal(refused)
+    if allowed:
+        print(f"resuming with changes: {'; '.join(allowed)}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -65,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except Exception as e:  # pydantic lists every problem with its field
         print(f"invalid config: {e}", file=sys.stderr)
+        return 2
+    problem = _resume_problem(args, cfg)
+    if problem:
+        print(f"invalid config: {problem}", file=sys.stderr)
         return 2
     try:  # tokenizers and memory, from config files only, before anything is loaded
         plan = preflight(cfg)

@@ -77,6 +77,43 @@ LOSS_TERMS: dict[str, str] = {
 LOSS_WEIGHTS: tuple[str, ...] = tuple(LOSS_TERMS)
 
 
+# The fields that define the model or the data a checkpoint was trained on. Resuming a
+# job with any of them changed would continue a different model (other layers, LoRA
+# shape) on different data (other source, split, blocks or held-out documents), so it
+# is refused (409 from the API, exit 2 from the CLI) with every changed field named.
+# Every other field (the schedule: max_steps, lr, warmup, eval/save cadence, loss
+# weights, ...) may change on resume: the change is logged and takes effect, the new
+# lr included (kd.state.load_state_dict).
+MODEL_DATA_FIELDS: tuple[str, ...] = (
+    "teacher_model",
+    "student_model",
+    "student_layers",
+    "student_hidden",
+    "student_ffn",
+    "student_heads",
+    "student_kv_heads",
+    "student_params",
+    "layer_selection",
+    "dataset",
+    "subset",
+    "split",
+    "text_column",
+    "max_texts",
+    "max_seq_len",
+    "document_separator",
+    "eval_fraction",
+    "eval_dataset",
+    "eval_subset",
+    "eval_split",
+    "eval_text_column",
+    "prompt_column",
+    "seed",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+)
+
+
 class DistillConfig(BaseModel):
     """A distillation job: which models, which data, which loss, how long."""
 
@@ -520,3 +557,35 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed): 'field: old -> new' for each field that differs between the
+    config a checkpoint was trained with (`old`) and the one resuming it (`new`);
+    refused lists the MODEL_DATA_FIELDS. Both are compared as validated configs, so
+    defaults and normalised spellings ('teacher:layers=2') do not count as changes."""
+
+    def normal(data: dict) -> dict:
+        try:
+            return DistillConfig.model_validate(data).model_dump(mode="json")
+        except ValueError:  # a config from another version: compare what it says
+            return dict(data)
+
+    a, b = normal(old), normal(new)
+    refused, allowed = [], []
+    for field in DistillConfig.model_fields:
+        if a.get(field) != b.get(field):
+            line = f"{field}: {a.get(field)!r} -> {b.get(field)!r}"
+            (refused if field in MODEL_DATA_FIELDS else allowed).append(line)
+    return refused, allowed
+
+
+def resume_refusal(refused: list[str]) -> str:
+    """The message for a resume whose model- or data-defining fields changed."""
+    fields = ", ".join(line.split(":", 1)[0] for line in refused)
+    return (
+        f"{fields}: cannot resume with a different model or data ({'; '.join(refused)}); "
+        "the checkpoint was trained with the old values. Submit under a new job id to "
+        "start over, or resubmit with the old values (schedule fields such as max_steps, "
+        "lr, eval_every and save_every may change)"
+    )

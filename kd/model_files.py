@@ -347,11 +347,14 @@ def _read_gguf_or_cached(name: str, path: Path) -> ModelFiles:
     return read_gguf(name, path)
 
 
-def read_model(name: str) -> ModelFiles:
-    """Config shape and tokenizer of any model name a DistillConfig accepts (not 'teacher')."""
-    src = names.resolve_model(name, ModelFilesError)
+def read_model(name: str, relative_ok: bool | None = None) -> ModelFiles:
+    """Config shape and tokenizer of any model name a DistillConfig accepts (not 'teacher').
+
+    relative_ok: False for the API's preflight (a relative path is refused, `kd.names`);
+    None decides by the job's origin."""
+    src = names.resolve_model(name, ModelFilesError, relative_ok)
     if src.kind == "gguf":
         return _read_gguf_or_cached(name, Path(src.location))
     if src.kind == "folder":
-        return read_folder(name, Path(name).expanduser())
+        return read_folder(name, Path(src.location))
     return read_hub(name)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kd.losses import FusedLMHead
-from kd.names import Source, converted_folder, resolve_model
+from kd.names import ModelLocation, converted_folder, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ class ModelLoadError(ValueError):
     """A model source could not be resolved or loaded; the message says how to fix it."""
 
 
-def resolve_source(name: str) -> Source:
-    """Map a model name from a config to where it is loaded from (`kd.names`)."""
+def resolve_source(name: str) -> ModelLocation:
+    """Map a model name from a config to where it is loaded from (`kd.names`: a
+    relative path is refused in a job submitted through the API)."""
     return resolve_model(name, ModelLoadError)
 
 

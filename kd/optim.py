@@ -40,3 +40,25 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Multiplies the peak lr by `lr_factor(step, cfg)`; stepped once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+
+def apply_config_lr(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    cfg: DistillConfig,
+) -> None:
+    """After a checkpoint is loaded: this run's lr and weight decay, not the checkpoint's.
+
+    `load_state_dict` restores each param group's lr, initial_lr and weight_decay and the
+    scheduler's base_lrs from the checkpoint, so a resume with a new `lr` would keep
+    training at the old one. The schedule itself (warmup, max_steps, decay) already
+    comes from `cfg`: LambdaLR does not save its lambda. Groups are in make_optimizer's
+    order: matrices (weight decay), then the rest (none).
+    """
+    step = scheduler.last_epoch  # optimizer steps taken; the next step runs at this lr
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * lr_factor(step, cfg)
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr says

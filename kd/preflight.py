@@ -251,17 +251,23 @@ def check_memory(
 # The entry point
 # ---------------------------------------------------------------------------------
 def preflight(
-    cfg: DistillConfig, budget: WorkerBudget | None = None, *, refuse: bool = True
+    cfg: DistillConfig,
+    budget: WorkerBudget | None = None,
+    *,
+    refuse: bool = True,
+    relative_ok: bool | None = None,
 ) -> dict:
     """Tokenizer check and memory plan for `cfg`; raises PreflightError listing problems.
 
     budget: the worker's memory; None measures this machine (a local run).
     refuse: False returns the plan with its `problems` instead of raising (for
     before.json, written by a job that was already admitted).
+    relative_ok: False reads no path that is not absolute (the API); None decides by
+    the job's origin (`kd.names.readable`).
     Raises ModelFilesError when a model's config or tokenizer cannot be read.
     """
-    teacher = read_model(cfg.teacher_model)
-    student = None if cfg.derives_student else read_model(cfg.student_model)
+    teacher = read_model(cfg.teacher_model, relative_ok)
+    student = None if cfg.derives_student else read_model(cfg.student_model, relative_ok)
     problems: list[str] = []
     try:
         tokenizers = check_tokenizers(teacher, student)
@@ -293,7 +299,9 @@ def preflight(
     return plan
 
 
-def cluster_check(cfg: DistillConfig, nodes: list[dict] | None) -> dict:
+def cluster_check(
+    cfg: DistillConfig, nodes: list[dict] | None, relative_ok: bool | None = None
+) -> dict:
     """The plan for `cfg` on a Ray cluster whose `ray.nodes()` are `nodes` (None: not
     connected, nothing to compare with). Raises PreflightError (tokenizers, memory) or
     ModelFilesError (a model whose files cannot be read from here). The caller reads
@@ -302,7 +310,7 @@ def cluster_check(cfg: DistillConfig, nodes: list[dict] | None) -> dict:
         budget = WorkerBudget(None, None, "a Ray worker (not connected to a cluster)")
     else:  # Ray does not report GPU memory: a GPU job is checked against the host only
         budget = WorkerBudget.from_ray_nodes(nodes, cfg)
-    return preflight(cfg, budget)
+    return preflight(cfg, budget, relative_ok=relative_ok)
 
 
 def http_problems(cfg: DistillConfig, nodes: list[dict] | None) -> list[dict]:
@@ -311,8 +319,8 @@ def http_problems(cfg: DistillConfig, nodes: list[dict] | None) -> list[dict]:
     A model the server cannot read (a Hub id or a path only the workers reach) is not
     refused here: the job's own preflight reports it where the files are.
     """
-    try:
-        cluster_check(cfg, nodes)
+    try:  # the server reads no relative path, whatever its working directory holds
+        cluster_check(cfg, nodes, relative_ok=False)
     except PreflightError as e:
         return [
             {"loc": ["body", p.split(":", 1)[0]], "msg": p, "type": "value_error"}

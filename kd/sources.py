@@ -18,11 +18,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd.config import EMBEDDED_DATASET, DistillConfig
+from kd.config import DistillConfig
+from kd.names import DATA_SUFFIXES, Source, readable
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 PREFERRED_TEXT_COLUMNS = ("text", "content", "document", "body", "article", "story", "sentence")
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+LOCAL_SUFFIXES = DATA_SUFFIXES
 # A wikitext article title: '= Title =' with exactly one '=' on each side; '= = Section
 # = =' lines are sub-headings inside an article.
 HEADING_RE = re.compile(r"= (?!=)(.+?)(?<!=) =")
@@ -274,21 +275,35 @@ def _split_files(folder: Path) -> dict[str, list[Path]] | None:
     return out if set(out) - {"train"} else None
 
 
+def dataset_source(name: str, field: str = "dataset") -> Source:
+    """What the dataset `name` (the config's `field`) is (`kd.names.classify`), with the
+    job's rule on relative paths applied: refused in a job submitted through the API,
+    logged on the command line."""
+    src = readable(name, "dataset", DataError)
+    if src.kind == "s3":
+        raise DataError(
+            f"{field} '{name}': S3 datasets are not supported; copy the files to a folder "
+            "the workers can read, or use a Hugging Face dataset id"
+        )
+    if src.kind == "local" and not Path(src.location).exists():
+        raise DataError(f"{field} path '{name}' does not exist")
+    return src
+
+
 def available_splits(name: str, subset: str | None) -> list[str] | None:
     """The named splits of a dataset: a hub dataset, a save_to_disk DatasetDict folder or
     a folder of split-named files. None for a file, a plain folder or 'embedded'."""
-    if name == EMBEDDED_DATASET:
+    src = dataset_source(name)
+    if src.kind == "embedded":
         return None
-    path = Path(name).expanduser()
-    if path.is_file() or (path.is_dir() and _is_saved_dataset(path)):
-        return None
-    if path.is_dir():
+    if src.kind == "local":
+        path = Path(src.location)
+        if path.is_file() or _is_saved_dataset(path):
+            return None
         if (path / "dataset_dict.json").is_file():
             return json.loads((path / "dataset_dict.json").read_text())["splits"]
         files = _split_files(path)
         return None if files is None else list(files)
-    if name.startswith(("/", "./", "../", "~")) or name.endswith(LOCAL_SUFFIXES):
-        raise DataError(f"dataset path '{name}' does not exist")
     import datasets
 
     try:
@@ -307,21 +322,22 @@ def read_source(
 ) -> Documents:
     """Non-empty documents of a dataset; `split` names a split when available_splits()
     lists some, and is None otherwise."""
-    path = Path(name).expanduser()
-    if name == EMBEDDED_DATASET:
+    src = dataset_source(name)
+    path = Path(src.location)
+    if src.kind == "embedded":
         docs = _read_local(CORPUS_DIR, wanted, separator)
-    elif split is None:
+    elif src.kind == "hub":
+        docs = _records(_read_hub_split(name, subset, split or "train", wanted, max_texts))
+    elif split is None:  # a local file or folder without named splits
         docs = _read_local(path, wanted, separator)
-    elif path.is_dir() and (path / "dataset_dict.json").is_file():
+    elif (path / "dataset_dict.json").is_file():
         import datasets
 
         saved = datasets.load_from_disk(str(path))[base_split(split)]
         docs = _records(_dataset_texts(saved, wanted, None))
-    elif path.is_dir():  # slicing ('train[:10%]') is for hub datasets; here: the whole split
+    else:  # slicing ('train[:10%]') is for hub datasets; here: the whole split
         files = (_split_files(path) or {})[base_split(split)]
         docs = _read_files(files, path, wanted, separator)
-    else:
-        docs = _records(_read_hub_split(name, subset, split, wanted, max_texts))
     docs = docs.cleaned(max_texts)
     if not docs.groups:
         where = name if split is None else f"{name} (split '{split}')"

@@ -13,6 +13,7 @@ import random
 import numpy as np
 import torch
 
+from kd.optim import apply_config_lr
 from kd.train import Run, unwrap
 
 
@@ -39,6 +40,7 @@ def load_state_dict(run: Run, state: dict[str, object]) -> None:
     unwrap(run.student_fwd).load_state_dict(state["student_fwd"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    apply_config_lr(run.optimizer, run.scheduler, run.cfg)  # a resume's new lr takes effect
     run.sampler.load_state(state["sampler"])
     run.step = int(state["step"])
     rng = state["rng"]

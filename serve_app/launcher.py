@@ -14,6 +14,7 @@ import threading
 import time
 
 from jobs.paths import JobPaths
+from kd.names import API_ORIGIN, ORIGIN_ENV
 from serve_app.settings import Settings
 
 _ENV_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -66,10 +67,18 @@ class JobLauncher:
             args.append("--trust-remote-code")
         return shlex.join(args)
 
-    def submit(self, job_id: str, submission_id: str) -> None:
-        runtime_env: dict = {"env_vars": dict(self.settings.job_env)}
+    def runtime_env(self) -> dict:
+        """The job's runtime_env. Every process of the job (driver, Ray Train workers)
+        inherits its variables; the origin makes kd.names refuse relative paths there,
+        and job_env cannot unset it."""
+        env = dict(self.settings.job_env) | {ORIGIN_ENV: API_ORIGIN}
+        runtime_env: dict = {"env_vars": env}
         if self.settings.working_dir:
             runtime_env["working_dir"] = self.settings.working_dir
+        return runtime_env
+
+    def submit(self, job_id: str, submission_id: str) -> None:
+        runtime_env = self.runtime_env()
         for attempt in range(_AGENT_RETRIES + 1):
             try:
                 self.client().submit_job(

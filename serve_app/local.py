@@ -11,10 +11,27 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 
 OPTIONS_ENV = "LLM2SLM_SERVE_OPTIONS"  # set by llm2slm/local.py
+
+
+def submit_command(dashboard: str, storage: str, python: str = "python") -> str:
+    """The `ray job submit` line that runs a job without the API on this cluster.
+
+    Ray 2.60 turns token authentication on for a cluster it starts, but the `ray job`
+    CLI sends the token (from ~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)
+    only when RAY_AUTH_MODE=token is set in its own shell; without it the job API
+    answers 'Unauthorized: Missing authentication token'.
+    """
+    token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # ray.init set it
+    return (
+        ("RAY_AUTH_MODE=token " if token else "")
+        + f"ray job submit --address {shlex.quote(dashboard)} --working-dir . -- "
+        + f"{shlex.quote(python)} -m train_job --config job.json --storage {shlex.quote(storage)}"
+    )
 
 
 def serve_forever(opts: dict) -> int:
@@ -41,9 +58,11 @@ def serve_forever(opts: dict) -> int:
     serve.start(http_options={"host": host, "port": port})
     serve.run(app_builder(settings), name="llm2slm", route_prefix="/")
     url = f"http://{host}:{port}"
+    storage = settings.get("storage_root") or os.environ["LLM2SLM_STORAGE_ROOT"]
     print(
         f"llm2slm API on {url} (docs {url}/docs), Ray dashboard {dashboard}, storage "
-        f"{settings.get('storage_root') or os.environ['LLM2SLM_STORAGE_ROOT']}. Ctrl-C stops.",
+        f"{storage}. Ctrl-C stops.\nA job without the API, on this cluster:\n  "
+        f"{submit_command(dashboard, storage)}",
         flush=True,
     )
     try:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from jobs.paths import new_job_id, valid_job_id
+from jobs.resume import resume_refused
 from jobs.schemas import ArtifactList, Health, JobPage, JobPublic, SubmitResponse
 from jobs.spec import DistillConfig
 from jobs.states import TERMINAL, JobState
@@ -39,7 +40,7 @@ async def healthz(svc: Annotated[Service, Depends(current)]) -> Health:
     status_code=202,
     response_model=SubmitResponse,
     tags=["jobs"],
-    responses=problems(400, 413),
+    responses=problems(400, 409, 413),
 )
 async def distill(
     cfg: DistillConfig,
@@ -70,6 +71,11 @@ async def distill(
     job_id = job_id or new_job_id()
     paths = job_paths(svc.settings, job_id)
     config = cfg.model_dump(mode="json")
+    # A resubmitted id resumes from its checkpoint: refuse a changed model or data before
+    # its config.json is touched (the schedule may change; the job logs what did).
+    refused = await asyncio.to_thread(resume_refused, paths, config)
+    if refused:
+        raise HTTPException(409, detail=refused)
     # the job reads its config from storage (a shared folder or S3)
     await asyncio.to_thread(paths.storage.write_json, paths.config_key, config)
     job, _ = await svc.registry.create.remote(job_id, config)

@@ -9,7 +9,8 @@ from pathlib import Path, PurePosixPath
 from fastapi import HTTPException, Request
 
 from jobs.paths import JobPaths, valid_job_id
-from jobs.spec import DERIVED_STUDENT, EMBEDDED_DATASET, DistillConfig
+from jobs.spec import DERIVED_STUDENT, DistillConfig
+from kd.names import What, classify
 from serve_app.settings import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -30,25 +31,25 @@ def check_token(request: Request, settings: Settings) -> None:
         )
 
 
-def _looks_local(value: str) -> bool:
-    return (
-        value.startswith(("/", "./", "../", "~", "file:"))
-        or value.endswith((".gguf", ".txt", ".jsonl", ".json", ".csv", ".parquet"))
-        or "\\" in value
-        or ".." in value
-    )
-
-
-def _check_source(field: str, value: str, settings: Settings, hub_ok: bool) -> str | None:
-    if value.startswith("embedded:") or value in (EMBEDDED_DATASET, DERIVED_STUDENT):
+def _check_source(
+    field: str, value: str, what: What, settings: Settings, hub_ok: bool
+) -> str | None:
+    """The policy on one model or dataset name, classified by `kd.names.classify` exactly
+    as the job's loaders will read it (a name spelt like a Hub id is a Hub id here and
+    there, never a path relative to some working directory)."""
+    if what == "model" and value == DERIVED_STUDENT:
         return None
-    if _looks_local(value):
+    src = classify(value, what, relative_ok=False)
+    if src.kind == "embedded":
+        return None
+    if src.kind == "s3":
+        return f"{field}: S3 sources are not supported; give a Hugging Face id or a local path"
+    if src.kind == "local":
         if ".." in PurePosixPath(value).parts or value.startswith(("file:", "~")):
             return f"{field}: '..', '~' and file: URLs are not allowed; give an absolute path"
-        path = Path(value)
-        if not path.is_absolute():
+        if src.relative:
             return f"{field}: local paths must be absolute"
-        resolved = path.resolve()
+        resolved = Path(value).resolve()
         roots = settings.local_roots()
         if not any(resolved.is_relative_to(r) for r in roots):
             allowed = ", ".join(map(str, roots)) or "none configured (LLM2SLM_ALLOWED_LOCAL_ROOTS)"
@@ -64,16 +65,16 @@ def _check_source(field: str, value: str, settings: Settings, hub_ok: bool) -> s
 def policy_problems(cfg: DistillConfig, settings: Settings) -> list[tuple[str, str]]:
     """(field, message) for every way a valid config breaks this server's policy."""
     problems: list[tuple[str, str]] = []
-    checks = [
-        ("teacher_model", cfg.teacher_model, settings.allow_hub_models),
-        ("dataset", cfg.dataset, settings.allow_hub_datasets),
+    checks: list[tuple[str, str, What, bool]] = [
+        ("teacher_model", cfg.teacher_model, "model", settings.allow_hub_models),
+        ("dataset", cfg.dataset, "dataset", settings.allow_hub_datasets),
     ]
     if not cfg.derives_student:
-        checks.append(("student_model", cfg.student_model, settings.allow_hub_models))
+        checks.append(("student_model", cfg.student_model, "model", settings.allow_hub_models))
     if cfg.eval_dataset is not None:  # read like dataset, so held to the same policy
-        checks.append(("eval_dataset", cfg.eval_dataset, settings.allow_hub_datasets))
-    for field, value, hub_ok in checks:
-        msg = _check_source(field, value, settings, hub_ok)
+        checks.append(("eval_dataset", cfg.eval_dataset, "dataset", settings.allow_hub_datasets))
+    for field, value, what, hub_ok in checks:
+        msg = _check_source(field, value, what, settings, hub_ok)
         if msg:
             problems.append((field, msg))
     if cfg.max_steps > settings.max_steps_limit:

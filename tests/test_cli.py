@@ -292,3 +292,74 @@ def test_curves_tensorboard_events(deployed, followed):
     # the default loss: T²·KL ("kd") + CE on the data ("lm")
     assert {"train/kd", "train/lm", "train/lr", "train/tokens_per_s"} <= set(tags)
     assert tags["eval/ppl"] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_as_llm2slm_serve_prints_it(ray_cluster, tiny_job, tmp_path):
+    """The real `ray job submit` CLI, from a shell that has no RAY_AUTH_MODE (the
+    session's Ray, like `llm2slm serve`'s, has token authentication on): the bare
+    command is refused, the one `llm2slm serve` prints runs a tiny train_job."""
+    import os
+    import sys
+
+    from serve_app.local import submit_command
+
+    (tmp_path / "job.json").write_text(json.dumps(tiny_job(max_steps=2)))
+    storage = tmp_path / "storage"
+    shell = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    shell["PATH"] = f"{Path(sys.executable).parent}:{shell.get('PATH', '')}"  # this `ray`
+    # Ray 2.60's ray.init of a new local cluster (here and in `llm2slm serve`) turns
+    # token authentication on and sets this in its own process, which submit_command reads.
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
+    command = submit_command(ray_cluster["dashboard"], str(storage), python=sys.executable)
+    assert command.startswith("RAY_AUTH_MODE=token ray job submit --address ")
+
+    def run(cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "-c", cmd], cwd=tmp_path, env=shell, capture_output=True, text=True,
+            timeout=400,
+        )  # fmt: skip
+
+    bare = run(command.removeprefix("RAY_AUTH_MODE=token "))
+    assert bare.returncode != 0
+    assert "Missing authentication token" in bare.stdout + bare.stderr
+    done = run(command)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "succeeded" in done.stdout + done.stderr
+    jobs = list((storage / "jobs").iterdir())
+    assert len(jobs) == 1 and (jobs[0] / "artifacts" / "metrics.json").is_file()
+
+
+def test_resubmit_with_another_model_is_409_and_keeps_the_config(
+    deployed, followed, tiny_job, tmp_path, capsys
+):
+    """Regression (#16.5): resubmitting an id with other layers kept the checkpoint's
+    layers; now the API answers 409 before config.json changes, and `python -m train_job`
+    with that id exits 2 naming the field (checked against the job's real checkpoint)."""
+    from jobs.paths import JobPaths
+    from jobs.resume import resume_refused
+    from kd.config import DistillConfig
+    from train_job.cli import main as train_job_main
+
+    job_id = followed["job_id"]
+    paths = JobPaths(str(deployed["root"]), job_id)
+    stored = paths.storage.read_bytes(paths.config_key)
+    body = tiny_job(eval_every=2, save_every=0, max_steps=6, student_layers=1)
+    r = httpx.post(
+        f"{deployed['url']}/distill",
+        params={"job_id": job_id},
+        json=body,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
+    assert r.status_code == 409, r.text
+    assert paths.storage.read_bytes(paths.config_key) == stored
+    changed = DistillConfig(**body).model_dump(mode="json")
+    assert resume_refused(paths, changed).startswith("student_layers: cannot resume")
+    longer = DistillConfig(**tiny_job(eval_every=2, save_every=0, max_steps=9))
+    assert resume_refused(paths, longer.model_dump(mode="json")) is None  # schedule only
+    (tmp_path / "job.json").write_text(json.dumps(body))
+    argv = ["--config", str(tmp_path / "job.json"), "--job-id", job_id]
+    assert train_job_main([*argv, "--storage", str(deployed["root"])]) == 2
+    assert "student_layers: 2 -> 1" in capsys.readouterr().err
+    assert paths.storage.read_bytes(paths.config_key) == stored

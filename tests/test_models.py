@@ -11,7 +11,7 @@ from tests.conftest import make_tiny_llama
 def test_resolve_sources(tmp_path, tiny_teacher):
     assert models.resolve_source("embedded:smollm2-135m").kind == "gguf"
     assert models.resolve_source(str(tiny_teacher)).kind == "folder"
-    assert models.resolve_source("HuggingFaceTB/SmolLM2-135M") == models.Source(
+    assert models.resolve_source("HuggingFaceTB/SmolLM2-135M") == models.ModelLocation(
         "hub", "HuggingFaceTB/SmolLM2-135M"
     )
     with pytest.raises(models.ModelLoadError, match="does not exist"):

@@ -7,7 +7,8 @@ Runs unchanged under `ray job submit --working-dir . -- python -m train_job ...`
 the same --job-id resumes from the last checkpoint under <storage>/ray/<job-id>.
 --storage and --config may be s3:// URIs (see jobs.storage for the S3 settings).
 Exit code 0 on success, 1 when the job failed (the reason is printed and recorded),
-2 for an invalid config, job id or storage root (unreachable S3 endpoint, no bucket).
+2 for an invalid config, job id or storage root (unreachable S3 endpoint, no bucket),
+or a resume whose model- or data-defining fields changed (kd.config.MODEL_DATA_FIELDS).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from jobs.paths import RAY_KEY, JobPaths, new_job_id
+from jobs.resume import resume_changes
 from jobs.storage import StorageError, is_uri, read_json_uri
-from kd.config import DistillConfig, load_config, parse_overrides
+from kd.config import DistillConfig, load_config, parse_overrides, resume_refusal
 
 DEFAULT_STORAGE = os.environ.get("LLM2SLM_STORAGE", "llm2slm-storage")
 
@@ -63,9 +64,8 @@ def preflight(cfg: DistillConfig) -> None:
     """Fail in seconds, not after the workers start, on sources that cannot work."""
     from transformers import AutoConfig
 
-    from kd.config import EMBEDDED_DATASET
-    from kd.data import LOCAL_SUFFIXES, DataError
     from kd.models import ModelLoadError, resolve_source
+    from kd.sources import dataset_source
 
     names = [cfg.teacher_model] + ([] if cfg.derives_student else [cfg.student_model])
     for name in names:
@@ -77,9 +77,7 @@ def preflight(cfg: DistillConfig) -> None:
     for field, ds in (("dataset", cfg.dataset), ("eval_dataset", cfg.eval_dataset)):
         if ds is None:
             continue
-        local = ds.startswith(("/", "./", "../", "~")) or ds.endswith(LOCAL_SUFFIXES)
-        if ds != EMBEDDED_DATASET and local and not Path(ds).expanduser().exists():
-            raise DataError(f"{field} path '{ds}' does not exist")
+        dataset_source(ds, field)  # a missing or (in an API job) relative path fails here
 
 
 def build_trainer(
@@ -141,7 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
     store = paths.storage
-    store.write_json(paths.config_key, cfg.model_dump(mode="json"))
+    config = cfg.model_dump(mode="json")
+    refused, allowed = resume_changes(paths, config)  # both empty without a checkpoint
+    if refused:
+        print(f"invalid config: {resume_refusal(refused)}", file=sys.stderr)
+        return 2
+    if allowed:
+        print(f"job {job_id}: resuming with changes: {'; '.join(allowed)}", flush=True)
+    store.write_json(paths.config_key, config)
 
     import ray
 
