@@ -20,6 +20,8 @@ from jobs.storage import Storage
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REGISTRY_STATE_KEY = "registry/state.json"
 RAY_KEY = "ray"
+# A job with a parameter budget: its shape search's candidates and winner, in artifacts
+SHAPE_SEARCH_FILE = "shape_search.json"
 
 
 def new_job_id() -> str:

@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoConfig
 
 from jobs.paths import JobPaths
+from jobs.resume import resume_changes
 from kd.report import shape_search_lines
 from kd.shapes import Shape, candidate_shapes, requested_shape, shape_params
 from serve_app import report_page
@@ -132,6 +133,14 @@ def test_a_budget_is_resolved_once_and_kept_on_resume(tmp_path, tiny_teacher, co
     stored.write_text(json.dumps(record))
     again, _ = resolve_budget(cfg, paths, registry)
     assert (again.student_layers, again.student_ffn) == (2, 64)
+    # Resubmitting the same budget resumes the searched shape; another budget is refused
+    ckpt = paths.storage.local_path("ray/budget-job/checkpoint_2026-11-30_00-00-00.000000")
+    ckpt.mkdir(parents=True)
+    (ckpt / "distill_config.json").write_text(again.model_dump_json())
+    assert resume_changes(paths, cfg.model_dump(mode="json")) == ([], [])
+    other = cfg.model_copy(update={"student_params": cfg.student_params - 1000})
+    refused, _ = resume_changes(paths, other.model_dump(mode="json"))
+    assert any(line.startswith("student_params:") for line in refused), refused
     # no budget, or search_steps 0: the config goes to the workers unchanged
     off = cfg.model_copy(update={"search_steps": 0})
     assert resolve_budget(off, JobPaths(tmp_path, "off"), registry) == (off, None)

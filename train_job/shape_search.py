@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import time
 
-from jobs.paths import RAY_KEY, JobPaths
+from jobs.paths import RAY_KEY, SHAPE_SEARCH_FILE, JobPaths
 from kd.config import DistillConfig
 from kd.shapes import Shape, candidate_shapes, shape_params
 
 METRIC = "eval_ppl"
-SEARCH_FILE = "shape_search.json"  # in the job's artifacts: the candidates and the winner
+SEARCH_FILE = SHAPE_SEARCH_FILE  # in the job's artifacts: the candidates and the winner
 
 
 def teacher_config(cfg: DistillConfig, trust_remote_code: bool = False):
