@@ -165,6 +165,13 @@ def test_fp16_loss_scaler_in_the_loop(tmp_path, tiny_teacher, corpus):
         train_step(scaled, weights)
 
 
+def test_fp16_scaler_metrics_are_not_drawn_as_loss_parts():
+    from kd.curves import loss_parts
+
+    row = {"step": 1, "loss": 2.0, "kd": 1.5, "loss_scale": 65536.0, "fp16_skipped": 0.0}
+    assert loss_parts([row]) == ["loss", "kd"]
+
+
 def test_gpu_checks_script_runs_what_it_can_on_cpu(tiny_teacher, capsys):
     spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "scripts/gpu_checks.py")
     gpu_checks = importlib.util.module_from_spec(spec)
