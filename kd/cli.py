@@ -26,7 +26,10 @@ from kd.fmt import metric_line
 from kd.model_files import ModelFilesError
 from kd.preflight import PreflightError, preflight
 from kd.preflight import summary as preflight_summary
-from kd.state import load_state_dict, state_dict
+from kd.state import CheckpointError, load_state_dict, state_dict
+from kd.state import find as find_checkpoint
+from kd.state import load as load_checkpoint
+from kd.state import save as save_state
 from kd.train import Event, Run, setup, train
 
 CKPT = "checkpoint"
@@ -47,13 +50,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def save_checkpoint(run: Run, out: Path) -> None:
-    """Atomic: write to a temp file, then rename over the previous checkpoint."""
+def save_checkpoint(run: Run, out: Path, history: list[dict] | None = None) -> None:
+    """Atomic (kd.state.save): the state with the history so far, and the config."""
     folder = out / CKPT
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "state.pt.tmp"
-    torch.save(state_dict(run), tmp)
-    tmp.replace(folder / "state.pt")
+    save_state(state_dict(run, history), folder)
     write_json(folder / "distill_config.json", run.cfg.model_dump(mode="json"))
 
 
@@ -93,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    ckpt_path = out / CKPT / "state.pt"
-    resume = args.resume and ckpt_path.is_file()
-    if not resume:  # a fresh run must not reuse an old run's "before" numbers
+    try:  # safetensors + JSON: nothing in a checkpoint is unpickled
+        ckpt_path = find_checkpoint(out / CKPT) if args.resume else None
+        state = load_checkpoint(ckpt_path) if ckpt_path else None
+    except CheckpointError as e:
+        print(f"cannot resume: {e}", file=sys.stderr)
+        return 2
+    if state is None:  # a fresh run must not reuse an old run's "before" numbers
         (out / pipeline.BEFORE).unlink(missing_ok=True)
-    state = torch.load(ckpt_path, weights_only=False) if resume else None
     run = setup(
         cfg,
         trust_remote_code=args.trust_remote_code,
@@ -116,14 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     if state is not None:
         load_state_dict(run, state)
         print(f"resumed from {ckpt_path} at step {run.step}")
-    history: list[dict[str, float]] = []
+    # the history before the resume comes from the checkpoint: metrics.json and the
+    # curves cover the whole run
+    history: list[dict[str, float]] = list(state.get("history", [])) if state else []
 
     def on_event(event: Event) -> None:
         if event.due.log:
             history.append(dict(event.metrics))
             print(f"[train] {metric_line(event.metrics)}", flush=True)
         if event.due.save:
-            save_checkpoint(run, out)
+            save_checkpoint(run, out, history)
 
     t_train = time.perf_counter()
     train(run, on_event)

@@ -61,6 +61,10 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     kept_layers: list[int] | None
     selection: dict[str, object] = field(default_factory=dict)
+    # fp16 loss scaling (`make_scaler`); a disabled scaler is a no-op for fp32 and bf16
+    scaler: torch.amp.GradScaler = field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
+    )
     step: int = 0
     rank: int = 0
     world: int = 1
@@ -78,6 +82,18 @@ def resolve_precision(cfg: DistillConfig, device: torch.device) -> torch.dtype |
     if device.type != "cuda" or cfg.precision == "fp32":
         return None
     return torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+
+
+def loss_scaling(cfg: DistillConfig, device: torch.device) -> bool:
+    """Whether the run scales its loss: fp16 autocast only. fp16's smallest normal number
+    is 6e-5, so small gradients underflow to zero unless the loss is scaled up first;
+    bf16 has fp32's exponent range and needs no scaling."""
+    return resolve_precision(cfg, device) == torch.float16
+
+
+def make_scaler(cfg: DistillConfig, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler, enabled when `loss_scaling`; its state goes into the checkpoint."""
+    return torch.amp.GradScaler(device.type, enabled=loss_scaling(cfg, device))
 
 
 def seed_everything(seed: int) -> None:
@@ -138,6 +154,7 @@ def setup(
         sampler=BlockSampler(len(train_data), cfg.per_device_batch_size, cfg.seed, rank, world),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg),
+        scaler=make_scaler(cfg, device),
         kept_layers=kept,
         selection=selection,
         rank=rank,
@@ -354,23 +371,45 @@ def train_step(
             st.counts[k] = st.counts.get(k, 0.0) + term_count(k, counts)
         st.other["on_policy"] += float(batch["on_policy"]) / cfg.grad_accum_steps
         st.tokens += int(counts.tokens)
-    params = [p for p in run.student_fwd.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-    if not math.isfinite(grad_norm):
-        raise FloatingPointError(
-            f"non-finite gradient norm at step {run.step + 1}; lower lr (now {cfg.lr}) or "
-            "the loss weights"
-        )
-    run.optimizer.step()
+    st.other.update(_clip_and_step(run))  # grad_norm (+ loss_scale, fp16_skipped)
     run.scheduler.step()
     run.step += 1
-    st.other["grad_norm"] = grad_norm
     if cfg.generates:  # off-policy runs have no rollout to time apart
         st.other["rollout_s"] = rollout_s
         st.other["train_s"] = time.perf_counter() - t_step - rollout_s
     else:
         del st.other["on_policy"]
     return st
+
+
+def _clip_and_step(run: Run) -> dict[str, float]:
+    """Unscale (fp16), clip and take the optimizer step. Returns grad_norm (before
+    clipping) and, with fp16 loss scaling, loss_scale and fp16_skipped.
+
+    With fp16 an overflowed step (non-finite gradients) is skipped by the scaler, which
+    halves its scale; it reports grad_norm 0 and fp16_skipped 1. Without loss scaling,
+    or once the scale falls below 1 (the gradients are non-finite at any scale), a
+    non-finite norm stops the run.
+    """
+    cfg, scaler = run.cfg, run.scaler
+    scaler.unscale_(run.optimizer)  # no-op unless fp16
+    params = [p for p in run.student_fwd.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    finite = math.isfinite(grad_norm)
+    if not finite and (not scaler.is_enabled() or scaler.get_scale() < 1.0):
+        raise FloatingPointError(
+            f"non-finite gradient norm at step {run.step + 1}; lower lr (now {cfg.lr}) or "
+            "the loss weights"
+        )
+    scaler.step(run.optimizer)  # skips the step when fp16 gradients overflowed
+    scaler.update()
+    if not scaler.is_enabled():
+        return {"grad_norm": grad_norm}
+    return {
+        "grad_norm": grad_norm if finite else 0.0,  # inf/nan would break JSON reports
+        "loss_scale": float(scaler.get_scale()),
+        "fp16_skipped": 0.0 if finite else 1.0,
+    }
 
 
 def _micro_batch(
@@ -417,8 +456,9 @@ def _micro_batch(
         # they are not alive at the backward's peak.
         del t_logits, s_logits
         # DDP averages the gradients over the ranks; the loss is already divided by the
-        # global count, so undo that average: the result is Σ over ranks.
-        (loss * (_world() if ddp else 1)).backward()
+        # global count, so undo that average: the result is Σ over ranks. fp16: the
+        # scaler multiplies the loss up so small gradients do not underflow.
+        run.scaler.scale(loss * (_world() if ddp else 1)).backward()
     return parts
 
 

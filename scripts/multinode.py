@@ -45,7 +45,7 @@ def job_cmd(cfg: dict, job_id: str, storage: Path, work: Path) -> list[str]:
 
 
 def checkpoints(storage: Path, job_id: str) -> list[Path]:
-    return sorted((storage / "ray" / job_id).glob("checkpoint_2*/state.pt"))
+    return sorted((storage / "ray" / job_id).glob("checkpoint_2*/state.safetensors"))
 
 
 def busy_nodes(worker_ids: set[str]) -> set[str]:

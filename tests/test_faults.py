@@ -18,9 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from jobs.states import TERMINAL
+from kd.state import FILE as CKPT_FILE
+from kd.state import load as load_checkpoint
 
 pytestmark = pytest.mark.service
 MEASURED: dict[str, object] = {}
@@ -72,7 +73,7 @@ def registered_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     out = []
     for d in sorted(run_dir.glob("checkpoint_2*")):
         if d.name in text:  # registered: Ray resumes only from these
-            state = torch.load(d / "state.pt", weights_only=False, map_location="cpu")
+            state = load_checkpoint(d)
             out.append((int(state["step"]), d))
     return sorted(out)
 
@@ -102,7 +103,7 @@ def test_driver_killed_then_registry_killed_then_resubmit_resumes(fsvc):
     assert failed["state"] == "failed" and "driver ended" in failed["error"], failed
     before = registered_checkpoints(run_dir)
     assert before, "no checkpoint was registered before the kill"
-    MEASURED["ckpt_bytes"] = (before[-1][1] / "state.pt").stat().st_size
+    MEASURED["ckpt_bytes"] = (before[-1][1] / CKPT_FILE).stat().st_size
 
     # The registry actor dies; Ray restarts it and it reloads state.json.
     state_file = fsvc["root"] / "registry" / "state.json"
@@ -148,7 +149,7 @@ def test_cancel_during_checkpoint_write_leaves_a_loadable_checkpoint(fsvc):
     assert c.delete(f"/jobs/{job_id}").json()["state"] == "cancelled"
     time.sleep(3)  # the driver and its workers are gone by now
     folders = sorted(run_dir.glob("checkpoint_2*"))
-    registered = registered_checkpoints(run_dir)  # every one loads with torch.load
+    registered = registered_checkpoints(run_dir)  # every one loads (kd.state.load)
     partial = [d for d in folders if d not in {p for _, p in registered}]
     assert registered
     assert c.post("/distill", params={"job_id": job_id}, json=cfg).status_code == 202
@@ -236,7 +237,7 @@ def test_storage_write_fails_job_fails_with_reason_checkpoint_intact(
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if mode == "read-only":
             deadline = time.time() + 180
-            while not list(run_dir.glob("checkpoint_2*/state.pt")):
+            while not list(run_dir.glob(f"checkpoint_2*/{CKPT_FILE}")):
                 assert time.time() < deadline and proc.poll() is None
                 time.sleep(0.05)
             time.sleep(0.5)

@@ -19,6 +19,7 @@ from fastapi import FastAPI, HTTPException, Request
 
 from jobs.states import TERMINAL
 from jobs.storage import Storage, StorageError
+from kd.state import FILE as CKPT_FILE
 from tests.conftest import tiny_cfg
 
 BUCKET = "llm2slm-test"
@@ -262,7 +263,9 @@ def test_job_through_the_api_on_s3(ray_cluster, s3_env, tiny_teacher, corpus):
                 j["job_id"] == job_id and j["state"] == "succeeded" for j in registry["jobs"]
             )
             ckpts = [f["path"] for f in store.list_files(f"ray/{job_id}")]
-            states = [p for p in ckpts if p.startswith("checkpoint_") and p.endswith("/state.pt")]
+            states = [
+                p for p in ckpts if p.startswith("checkpoint_") and p.endswith(f"/{CKPT_FILE}")
+            ]
             assert len(states) == 2, ckpts  # steps 2 and 4 (num_to_keep=2)
 
             on_s3 = store.list_files(f"jobs/{job_id}/artifacts")

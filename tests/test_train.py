@@ -40,7 +40,7 @@ def test_end_to_end_cli_run(tmp_path, tiny_teacher, corpus, capsys):
     resolved = json.loads((student / "distill_config.json").read_text())
     assert resolved["max_steps"] == 16 and resolved["student_model"] == "teacher"
     assert len(resolved["kept_layers"]) == 2
-    assert (out / "checkpoint" / "state.pt").is_file()
+    assert (out / "checkpoint" / "state.safetensors").is_file()
     # the saved student loads as a plain HF model and has 2 layers
     from transformers import AutoModelForCausalLM
 
@@ -174,3 +174,26 @@ def test_no_teacher_baseline_trains_on_data_ce_without_teacher_forward(tiny_teac
     assert calls == []
     assert {"lm", "loss"} <= set(log[0]) and "kd" not in log[0]
     assert log[-1]["lm"] < log[0]["lm"]
+
+
+@pytest.mark.slow  # two whole `python -m kd` runs, exports and report included
+def test_cli_resume_keeps_the_history_from_before_the_resume(tmp_path, tiny_job, monkeypatch):
+    """`python -m kd --resume`: metrics.json and the curves start at step 1, not at the
+    step the run resumed from (the history travels in the checkpoint)."""
+    from kd import pipeline
+
+    drawn: list[list[int]] = []
+    write_all = pipeline.curves.write_all
+
+    def spy(out, history, *args, **kw):  # records what the curves are drawn from
+        drawn.append([int(h["step"]) for h in history])
+        return write_all(out, history, *args, **kw)
+
+    monkeypatch.setattr(pipeline.curves, "write_all", spy)
+    out, cfg = tmp_path / "run", tmp_path / "job.json"
+    cfg.write_text(json.dumps(tiny_job(max_steps=2, student_layers=1)))  # saves at step 2
+    assert cli.main(["--config", str(cfg), "--out", str(out)]) == 0
+    assert cli.main(["--config", str(cfg), "--out", str(out), "--resume", "max_steps=4"]) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [int(h["step"]) for h in history] == [1, 2, 3, 4]
+    assert drawn[-1] == [1, 2, 3, 4] and (out / "curves.png").is_file()

@@ -15,6 +15,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from kd.state import load as load_checkpoint
 from kd.train import schedule
 from train_job import worker
 
@@ -36,8 +37,11 @@ def test_one_report_per_event_and_a_checkpoint_on_each_save(
         step = None
         if checkpoint is not None:
             folder = Path(checkpoint.path)
-            assert sorted(p.name for p in folder.iterdir()) == ["distill_config.json", "state.pt"]
-            step = torch.load(folder / "state.pt", weights_only=False)["step"]
+            assert sorted(p.name for p in folder.iterdir()) == [
+                "distill_config.json",
+                "state.safetensors",
+            ]
+            step = load_checkpoint(folder)["step"]
         reports.append((dict(metrics), step))
 
     monkeypatch.setattr(ray.train, "report", report)

@@ -24,11 +24,10 @@ from jobs.paths import RAY_KEY, JobPaths
 from kd import pipeline
 from kd.config import DistillConfig
 from kd.exports import write_json
-from kd.state import load_state_dict, state_dict
+from kd.state import load as load_state
+from kd.state import load_state_dict, save, state_dict
 from kd.train import Event, Run, setup, train
 from train_job.registry_client import RegistryClient
-
-STATE_FILE = "state.pt"
 
 
 class CheckpointWriteError(RuntimeError):
@@ -47,8 +46,8 @@ def _load_checkpoint() -> dict | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, weights_only=False, map_location="cpu")
+    with ckpt.as_directory() as d:  # safetensors + JSON; a pickled state.pt is refused
+        return load_state(d)
 
 
 def _report_with_checkpoint(run: Run, metrics: dict, history: list[dict], rank: int) -> None:
@@ -56,9 +55,7 @@ def _report_with_checkpoint(run: Run, metrics: dict, history: list[dict], rank: 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            st = state_dict(run)
-            st["history"] = history
-            torch.save(st, Path(tmp) / STATE_FILE)
+            save(state_dict(run, history), tmp)
             write_json(Path(tmp) / "distill_config.json", run.cfg.model_dump(mode="json"))
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
