@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kd.config import GGUF_TYPES
+from kd.exports.common import ExportError, ExportRequest, Writer
 from kd.exports.parity import BlockLogits, artifact_row, parity, reference_logits, torch_logits
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,6 @@ def _types():
     }
 
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
 # Types below 8 bits keep the embedding (= output head when tied) at Q8_0.
 _LOW_BIT = ("q5_0", "q5_1", "q4_0", "q4_1")
 
@@ -341,3 +342,42 @@ def quantization_error(t: Tensor, qtype: str) -> float:
     x = t.detach().float().numpy()
     back = gguf.quants.dequantize(gguf.quants.quantize(x, ggml_type), ggml_type).reshape(x.shape)
     return float(np.sqrt(((back - x) ** 2).mean() / max((x**2).mean(), 1e-30)))
+
+
+# ---- the job's formats "gguf-<type>": one file each under gguf/ ---------------------
+DIR = "gguf"
+
+
+def gguf_path(out: Path, qtype: str) -> Path:
+    """Where the job writes format gguf-<qtype>: <out>/gguf/student-<qtype>.gguf."""
+    return Path(out) / DIR / f"student-{qtype}.gguf"
+
+
+def writer(qtype: str) -> Writer:
+    """The export writer of format `gguf-<qtype>`; returns the file it wrote."""
+
+    def write(req: ExportRequest) -> Path:
+        try:
+            return write_gguf(
+                req.student, gguf_path(req.out, qtype), qtype, tokenizer=req.tokenizer
+            )
+        except GGUFExportError as e:
+            raise ExportError(
+                f"export_formats: gguf-{qtype} failed: {e}; or drop it from export_formats"
+            ) from e
+
+    return write
+
+
+class GGUFRuntime:
+    """A GGUF file read back with transformers' reader: `(input_ids, attention_mask) ->
+    logits [B, L, V]`, for the job's round-trip check."""
+
+    def __init__(self, path: str | Path):
+        self.model = load_gguf(path)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits
