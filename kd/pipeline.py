@@ -40,6 +40,7 @@ def evaluate_before(run: Run, out: Path, preflight: dict | None = None) -> dict:
     """Held-out numbers of teacher and untrained student; kept in out/before.json so a
     resumed job still reports them. preflight: kd.preflight's plan, stored with them."""
     path = out / BEFORE
+    exports.check_formats(run.cfg, run.student.config)  # fail before training, not after
     if path.is_file():
         return json.loads(path.read_text())
     was = run.student.training

@@ -327,3 +327,17 @@ def test_size_table_compares_like_with_like(tiny_teacher, tiny_student, tokenize
     assert f"| parameters | {n_t:,} | {n_s:,} |" in md
     assert f"| MB at bf16 | {report.fmt(2 * n_t / 1e6)} | {report.fmt(2 * n_s / 1e6)} |" in md
     assert "| student/ | safetensors, bf16 |" in md
+
+
+def test_gguf_formats_fail_before_training_for_a_non_llama_student():
+    """The GGUF writer handles Llama only: a job asking a Qwen2 student for gguf-* stops
+    before training (evaluate_before calls check_formats), not after it."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from kd import exports
+
+    cfg = DistillConfig(export_formats=["gguf-q8_0"])
+    with pytest.raises(exports.ExportError, match=r"export_formats: \['gguf-q8_0'\].*qwen2"):
+        exports.check_formats(cfg, Qwen2Config())
+    exports.check_formats(DistillConfig(export_formats=["ort-genai-int4"]), Qwen2Config())
+    exports.check_formats(cfg, LlamaConfig())

@@ -67,6 +67,7 @@ __all__ = [
     "ExportError",
     "ExportRequest",
     "OnnxLM",
+    "check_formats",
     "export",
     "formats_for",
     "load_student",
@@ -80,6 +81,21 @@ __all__ = [
 def formats_for(cfg: DistillConfig) -> list[str]:
     """The formats a job asks for beside the student folder, in writing order."""
     return [f for f in cfg.export_formats if f != safetensors.FORMAT]
+
+
+def check_formats(cfg: DistillConfig, student_config) -> None:
+    """Before training: fail now, not after it, when an export cannot be written for this
+    student's architecture (GGUF: Llama only). Raises ExportError naming the field."""
+    wanted = [f for f in cfg.export_formats if f.startswith("gguf-")]
+    if not wanted:
+        return
+    try:
+        gguf.check_architecture(student_config)
+    except gguf.GGUFExportError as e:
+        raise ExportError(
+            f"export_formats: {wanted} cannot be written for this student: {e}; drop the "
+            "gguf-* formats (ort-genai-* and safetensors cover other architectures)"
+        ) from e
 
 
 def export(

@@ -150,6 +150,18 @@ def gguf_tensors(state: dict[str, Tensor], config) -> list[tuple[str, Tensor]]:
     return out
 
 
+def check_architecture(config) -> None:
+    """Raise GGUFExportError unless this writer can express `config` (a model config)."""
+    if config.model_type != "llama":
+        raise GGUFExportError(
+            f"model_type '{config.model_type}' is not supported; this writer handles Llama "
+            "(SmolLM, TinyLlama, Llama 2/3 without RoPE scaling)"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise GGUFExportError(f"hidden_act '{config.hidden_act}': llama.cpp's llama uses silu")
+    _rope_theta(config)
+
+
 def _tensor_type(name: str, t: Tensor, qtype: str):
     """The GGML type to store tensor `name` in for a file of type `qtype`."""
     import gguf
@@ -277,13 +289,7 @@ def write_gguf(
     if qtype not in GGUF_TYPES:
         raise GGUFExportError(f"GGUF type '{qtype}' is not one of {list(GGUF_TYPES)}")
     state, config, tok = _load(student, tokenizer)
-    if config.model_type != "llama":
-        raise GGUFExportError(
-            f"model_type '{config.model_type}' is not supported; this writer handles Llama "
-            "(SmolLM, TinyLlama, Llama 2/3 without RoPE scaling)"
-        )
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise GGUFExportError(f"hidden_act '{config.hidden_act}': llama.cpp's llama uses silu")
+    check_architecture(config)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + f".tmp{os.getpid()}")
