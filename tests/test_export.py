@@ -192,7 +192,7 @@ def test_gguf_and_genai_exports_are_checked_listed_and_reported(bundle):
     assert "ort-genai-int4/" in files and "student/" in files
     md = (bundle / "report.md").read_text()
     assert "| gguf-q8_0 |" in md and "| ort-genai-int4 |" in md and "| MB at fp32 |" in md
-    page = render({"job_id": "j", "state": "succeeded"}, rep, None)
+    page = render({"job_id": "j", "state": "succeeded", "created_at": 0.0}, rep, None)
     assert "<td>gguf-q8_0</td>" in page and "<td>ort-genai-int4</td>" in page
 
 
