@@ -178,12 +178,14 @@ def test_gguf_and_genai_exports_are_checked_listed_and_reported(bundle):
     gguf = bundle / "gguf" / "student-q8_0.gguf"
     assert listed["gguf/student-q8_0.gguf"] == sha256_file(gguf)
     assert {"ort-genai-int4/model.onnx", "ort-genai-int4/model.onnx.data"} <= set(listed)
-    for name in ("gguf-q8_0", "ort-genai-int4"):
+    # The tiny 0.2-init student has large weights and far from flat logits: Q8_0 stays
+    # close; weight-only INT4 costs more. A broken file (wrong layout, tokenizer ids)
+    # gives ~1/V agreement and a perplexity near the vocabulary size.
+    for name, max_ppl_ratio in (("gguf-q8_0", 1.05), ("ort-genai-int4", 3.0)):
         e = rep["exports"][name]
-        # Q8_0 / INT4 of the tiny 0.2-init teacher's student: far from flat logits, so a
-        # broken file (wrong layout or tokenizer ids) would give ~1/V agreement
         assert e["top1_agreement"] >= 0.5, (name, e)
-        assert 0.8 < e["ppl_ratio"] < 1.5 and e["bytes"] > 0 and e["size_ratio_fp32"] < 1
+        assert 0.8 < e["ppl_ratio"] < max_ppl_ratio, (name, e)
+        assert e["bytes"] > 0 and e["size_ratio_fp32"] < 1, (name, e)
         assert e["export_s"] > 0 and e["check_s"] > 0
     assert rep["exports"]["gguf-q8_0"]["sha256"] == listed["gguf/student-q8_0.gguf"]
     assert rep["exports"]["ort-genai-int4"]["gen_tokens_per_s_b1"] > 0
