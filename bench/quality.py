@@ -355,8 +355,7 @@ def main() -> None:
         "eval_fraction": args.eval_fraction,
         "max_eval_blocks": 8,
         "eval_every": 0,  # the held-out curve is --curve-every's, timed out of the budget
-        "export_onnx": False,
-        "post_training_quant": False,
+        "export_formats": ["safetensors"],
         "save_every": 0,
         **parse_overrides(args.set),
     }

@@ -12,6 +12,7 @@ together in one error whose lines each start with the field they concern.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Literal, get_args
@@ -35,6 +36,34 @@ _SIZE_KEYS = {
     "heads": "student_heads",
     "kv_heads": "student_kv_heads",
 }
+
+
+# Deployable formats a job can ask for (kd.exports.WRITERS implements each), in the
+# order they are written: a later one may reuse an earlier one's files.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
+EXPORT_FORMATS: tuple[str, ...] = (
+    "safetensors",  # the student folder (student/), always written
+    "onnx-fp32",  # onnx/: logits-only fp32 graph, no KV cache
+    "int8-dynamic",  # int8-dynamic/: that graph with ONNX Runtime dynamic INT8 weights
+    *(f"gguf-{q}" for q in GGUF_TYPES),  # gguf/student-<type>.gguf for llama.cpp/Ollama
+    "ort-genai-fp32",  # ort-genai-<p>/: ONNX Runtime GenAI model (KV cache, generator)
+    "ort-genai-int8",
+    "ort-genai-int4",
+)
+DEFAULT_EXPORT_FORMATS = ["safetensors", "gguf-q8_0", "ort-genai-int4"]
+SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+log = logging.getLogger(__name__)
+
+
+def legacy_export_formats(export_onnx: bool | None, post_training_quant: bool | None) -> list[str]:
+    """What the two deprecated booleans asked for (each defaulted to true)."""
+    out = ["safetensors"]
+    if export_onnx is not False:
+        out.append("onnx-fp32")
+    if post_training_quant is not False:
+        out.append("int8-dynamic")
+    return out
 
 
 _PARAMS_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kKmMbB]?)\s*$")
@@ -330,8 +359,24 @@ class DistillConfig(BaseModel):
     lora_alpha: float = Field(16.0, gt=0.0, le=1e4, description="LoRA scaling α.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     use_qat: bool = Field(False, description="Quantization-aware training (not supported).")
-    post_training_quant: bool = Field(True, description="Also export an INT8 student.")
-    export_onnx: bool = Field(True, description="Also export the student to ONNX.")
+    export_formats: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EXPORT_FORMATS),
+        max_length=len(EXPORT_FORMATS),
+        description="Artifacts to write, each checked against the PyTorch student: "
+        + ", ".join(EXPORT_FORMATS)
+        + " (safetensors is always written).",
+    )
+    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Precision of the saved student (safetensors); auto: the teacher's own "
+        "(a quantized GGUF teacher counts as fp16).",
+    )
+    post_training_quant: bool | None = Field(
+        None, description="Deprecated: export_formats with 'int8-dynamic' replaces it."
+    )
+    export_onnx: bool | None = Field(
+        None, description="Deprecated: export_formats with 'onnx-fp32' replaces it."
+    )
 
     # ---- execution ----------------------------------------------------------------
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
@@ -365,6 +410,23 @@ class DistillConfig(BaseModel):
         if isinstance(v, str):
             return parse_params(v)
         return v
+
+    @field_validator("export_formats", mode="before")
+    @classmethod
+    def _comma_list(cls, v: object) -> object:
+        # the command line's `export_formats=gguf-q8_0,ort-genai-int4`
+        return [f.strip() for f in v.split(",") if f.strip()] if isinstance(v, str) else v
+
+    @field_validator("export_formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        unknown = [f for f in v if f not in EXPORT_FORMATS]
+        if unknown:
+            raise ValueError(
+                f"unknown export format(s) {unknown}; valid names: {', '.join(EXPORT_FORMATS)}"
+            )
+        # writing order (a later format may reuse an earlier one); the student folder first
+        return [f for f in EXPORT_FORMATS if f in v or f == "safetensors"]
 
     @field_validator("teacher_model", "student_model", "dataset", "eval_dataset")
     @classmethod
@@ -405,7 +467,8 @@ class DistillConfig(BaseModel):
         if self.use_qat:
             problems.append(
                 "use_qat: quantization-aware training is not supported; set use_qat=false and "
-                "keep post_training_quant=true for an INT8 student"
+                "list a quantized format in export_formats (e.g. gguf-q8_0, ort-genai-int4; "
+                "it replaces post_training_quant)"
             )
         if self.precision in ("bf16", "fp16") and not self.use_gpu:
             problems.append(
@@ -419,9 +482,29 @@ class DistillConfig(BaseModel):
                 "lower one of them or raise grad_accum_steps"
             )
         self._check_generation(problems)
+        self._legacy_exports(problems)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _legacy_exports(self, problems: list[str]) -> None:
+        """export_onnx / post_training_quant still work: they set export_formats."""
+        if self.export_onnx is None and self.post_training_quant is None:
+            return
+        legacy = legacy_export_formats(self.export_onnx, self.post_training_quant)
+        if "export_formats" in self.model_fields_set and self.export_formats != legacy:
+            problems.append(
+                f"export_formats: {self.export_formats} contradicts the deprecated "
+                f"export_onnx={self.export_onnx} / post_training_quant="
+                f"{self.post_training_quant}; drop those two and list every format in "
+                "export_formats"
+            )
+            return
+        log.warning(
+            "export_onnx/post_training_quant are deprecated; they mean export_formats=%s",
+            legacy,
+        )
+        self.export_formats = legacy
 
     def _check_generation(self, problems: list[str]) -> None:
         """Cross-field rules of on-policy / sequence-level KD (only when they are used)."""

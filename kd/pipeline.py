@@ -5,9 +5,10 @@ produces the same artifact folder:
 
     <out>/before.json        teacher and student held-out numbers before training
     <out>/metrics.json       before/after numbers, timings, the student selection, history
-    <out>/student/           the merged student with a model card (see kd.exports)
-    <out>/onnx/              model.onnx (fp32) + tokenizer      (export_onnx)
-    <out>/int8-dynamic/      model.onnx (ONNX Runtime INT8) + tokenizer (post_training_quant)
+    <out>/student/           the merged student (save_dtype) with a model card (kd.exports)
+    <out>/gguf/student-<type>.gguf   llama.cpp / Ollama            (export_formats gguf-<type>)
+    <out>/ort-genai-<p>/     ONNX Runtime GenAI model folder       (ort-genai-<fp32|int8|int4>)
+    <out>/onnx/, int8-dynamic/  logits-only ONNX graphs (fp32, dynamic INT8) + tokenizer
     <out>/curves.png, tensorboard/  training curves (see kd.curves)
     <out>/report.json, report.md, manifest.json
 """
@@ -39,6 +40,7 @@ def evaluate_before(run: Run, out: Path, preflight: dict | None = None) -> dict:
     """Held-out numbers of teacher and untrained student; kept in out/before.json so a
     resumed job still reports them. preflight: kd.preflight's plan, stored with them."""
     path = out / BEFORE
+    exports.check_formats(run.cfg, run.student.config)  # fail before training, not after
     if path.is_file():
         return json.loads(path.read_text())
     was = run.student.training
@@ -69,7 +71,7 @@ def finalize(
     plain = exports.plain_student(run.student)
     written = exports.export(
         plain,
-        ["student"],
+        ["safetensors"],
         out,
         tokenizer=run.tokenizer,
         cfg=run.cfg,
@@ -105,9 +107,10 @@ def _eval_batches(data, n_blocks: int = 4, batch: int = 2):
         yield b["input_ids"], b["attention_mask"]
 
 
-def _export_entry(run: Run, name: str, folder: Path, plain) -> dict:
-    """Logits parity with the torch student, held-out perplexity, speed and size."""
-    lm = exports.RUNTIMES[name](folder)
+def _export_entry(run: Run, name: str, path: Path, plain, student_ppl: float) -> dict:
+    """Round trip of one artifact, loaded back with its own runtime or reader: logits
+    parity with the torch student, held-out perplexity, speed, size and sha256."""
+    lm = exports.RUNTIMES[name](path)
     torch_fn = evaluate.logits_fn(plain)
     entry = evaluate.logits_parity(torch_fn, lm, _eval_batches(run.eval_data))
     entry["ppl"] = evaluate.perplexity(
@@ -116,21 +119,29 @@ def _export_entry(run: Run, name: str, folder: Path, plain) -> dict:
         batch_size=run.cfg.per_device_batch_size,
         max_blocks=run.cfg.max_eval_blocks,
     )
-    entry["forward_tokens_per_s"] = report.forward_speed(lm, run.eval_data)
-    entry["mb"] = report.folder_bytes(folder) / 1e6
-    return entry
+    entry["ppl_ratio"] = entry["ppl"] / student_ppl
+    # a GGUF file is read back into PyTorch (no llama.cpp here): its speed would be torch's
+    if not name.startswith("gguf-"):
+        entry["forward_tokens_per_s"] = report.forward_speed(lm, run.eval_data)
+    if hasattr(lm, "generate_speed"):  # GenAI: og's generator, batch 1, as student_gen_b1
+        entry["gen_tokens_per_s_b1"] = lm.generate_speed(run.eval_data.input_ids[0, :32], 32)
+    fp32_bytes = 4 * sum(p.numel() for p in plain.parameters())
+    return entry | report.artifact_size(path, fp32_bytes)
 
 
-def write_exports(run: Run, plain, out: Path, written: dict[str, Path]) -> dict:
-    """The formats the config asks for (onnx/, int8-dynamic/), each with parity,
-    perplexity and speed. An export failure raises ExportError (the job fails)."""
+def write_exports(run: Run, plain, out: Path, written: dict[str, Path], student_ppl: float) -> dict:
+    """The formats export_formats asks for beside student/, each loaded back and
+    checked (see _export_entry). An export failure raises ExportError (the job fails)."""
     kw = dict(tokenizer=run.tokenizer, cfg=run.cfg, written=written)
-    folders = exports.export(plain, exports.formats_for(run.cfg), out, **kw)
-    return {
-        name: _export_entry(run, name, folder, plain)
-        for name, folder in folders.items()
-        if name in exports.RUNTIMES
-    }
+    seconds: dict[str, float] = {}
+    paths = exports.export(plain, exports.formats_for(run.cfg), out, seconds=seconds, **kw)
+    entries = {}
+    for name, path in paths.items():
+        t0 = time.perf_counter()
+        entries[name] = _export_entry(run, name, path, plain, student_ppl)
+        entries[name]["export_s"] = seconds[name]
+        entries[name]["check_s"] = time.perf_counter() - t0
+    return entries
 
 
 def write_report(
@@ -143,15 +154,14 @@ def write_report(
 ) -> dict:
     """The exports, report.json, report.md, the model card and manifest.json.
     preflight: kd.preflight's plan (before.json keeps it for resumed jobs)."""
-    student_dir = written["student"]
-    size = report.param_summary(run.teacher, plain)
-    size["student_mb"] = report.folder_bytes(student_dir) / 1e6
-    size["teacher_mb"] = report.source_mb(run.cfg.teacher_model)
+    student_dir = written["safetensors"]
     speed = {}
     for name, model in (("teacher", run.teacher), ("student", plain)):
         for b in (1, 8):
             speed[f"{name}_gen_b{b}"] = report.generation_speed(model, run.eval_data, b)
-    export_entries = write_exports(run, plain, out, written)
+    export_entries = write_exports(run, plain, out, written, metrics["student_ppl_after"])
+    size = report.size_summary(run.teacher, plain, run.cfg.teacher_model, student_dir)
+    size["files"] += report.export_files(export_entries, out)
     rep = {
         "config": run.cfg.model_dump(mode="json"),
         "steps": metrics["steps"],

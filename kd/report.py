@@ -17,14 +17,19 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def source_mb(name: str) -> float | None:
+def source_bytes(name: str) -> int | None:
     """On-disk size of a model source (the GGUF file or the folder); None for hub ids."""
     src = models.resolve_source(name)
     if src.kind == "gguf":
-        return Path(src.location).stat().st_size / 1e6
+        return Path(src.location).stat().st_size
     if src.kind == "folder":
-        return folder_bytes(Path(src.location)) / 1e6
+        return folder_bytes(Path(src.location))
     return None
+
+
+def source_mb(name: str) -> float | None:
+    n = source_bytes(name)
+    return None if n is None else n / 1e6
 
 
 @torch.no_grad()
@@ -82,6 +87,117 @@ def param_summary(teacher: nn.Module, student: nn.Module) -> dict:
     }
 
 
+# ---- sizes and exports (like with like: parameters, bytes at one precision, files) ----
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def size_summary(teacher: nn.Module, student: nn.Module, teacher_name: str, student_dir: Path):
+    """Parameters; both models' bytes at the student's saved precision (the teacher's own
+    unless save_dtype says otherwise); then files, starting with the teacher's source."""
+    import json
+
+    size = param_summary(teacher, student)
+    saved = json.loads((student_dir / "distill_config.json").read_text())
+    dtype = saved.get("saved_dtype", "fp32")
+    size |= {
+        "precision": dtype,
+        "precision_from": saved.get("saved_dtype_from", ""),
+        "teacher_bytes_at_precision": size["teacher_params"] * _BYTES[dtype],
+        "student_bytes_at_precision": size["student_params"] * _BYTES[dtype],
+        "student_mb": folder_bytes(student_dir) / 1e6,  # kept for older readers
+        "teacher_mb": source_mb(teacher_name),
+    }
+    src = models.resolve_source(teacher_name)
+    teacher_file = {"artifact": "teacher source", "what": f"{teacher_name} ({src.kind})"}
+    student_file = {"artifact": "student/", "what": f"safetensors, {dtype}"}
+    teacher_file["bytes"] = source_bytes(teacher_name)
+    student_file["bytes"] = folder_bytes(student_dir)
+    student_file["size_ratio_fp32"] = student_file["bytes"] / (4 * size["student_params"])
+    size["files"] = [teacher_file, student_file]
+    return size
+
+
+def artifact_size(path: Path, fp32_bytes: int) -> dict:
+    """Bytes, MB, size vs the fp32 student and sha256 of an export file or folder."""
+    from kd.exports.parity import artifact_row
+
+    row = artifact_row(path, fp32_bytes)
+    row["mb"] = row["bytes"] / 1e6
+    return row
+
+
+def export_files(entries: dict[str, dict], out: Path) -> list[dict]:
+    """Size-table rows of the exports (their paths relative to the artifact folder)."""
+    rows = []
+    for name, e in entries.items():
+        rel = Path(e["path"]).relative_to(out).as_posix() + (
+            "/" if Path(e["path"]).is_dir() else ""
+        )
+        rows.append(
+            {"artifact": rel, "what": name, "bytes": e["bytes"],
+             "size_ratio_fp32": e.get("size_ratio_fp32")}
+        )  # fmt: skip
+    return rows
+
+
+def size_lines(sz: dict) -> list[str]:
+    """The Size section: parameters, bytes at one precision, then every file."""
+    t, s = sz["teacher_params"], sz["student_params"]
+    lines = ["## Size", ""]
+    if "precision" not in sz:  # a report written before sizes were compared like with like
+        return lines + [
+            "| | parameters | on disk (MB) |",
+            "|---|---|---|",
+            f"| teacher | {t:,} | {fmt(sz.get('teacher_mb'))} |",
+            f"| student | {s:,} | {fmt(sz['student_mb'])} |",
+            "",
+        ]
+    p = sz["precision"]
+    tb, sb = sz["teacher_bytes_at_precision"], sz["student_bytes_at_precision"]
+    lines += [
+        "| | teacher | student | student / teacher |",
+        "|---|---|---|---|",
+        f"| parameters | {t:,} | {s:,} | {fmt(s / t)} |",
+        f"| MB at {p} | {fmt(tb / 1e6)} | {fmt(sb / 1e6)} | {fmt(sb / tb)} |",
+        "",
+        f"Precision {p}: {sz.get('precision_from') or 'save_dtype'}.",
+        "",
+        "| file | what | MB | × fp32 student |",
+        "|---|---|---|---|",
+    ]
+    for f in sz["files"]:
+        mb = None if f["bytes"] is None else f["bytes"] / 1e6
+        lines.append(
+            f"| {f['artifact']} | {f['what']} | {fmt(mb)} | {fmt(f.get('size_ratio_fp32'))} |"
+        )
+    return lines + [""]
+
+
+def export_lines(exports: dict) -> list[str]:
+    """The Exports section: each artifact loaded back with its own runtime or reader."""
+    if not exports:
+        return []
+    lines = [
+        "",
+        "## Exports",
+        "",
+        "Each artifact loaded back with its own runtime (GGUF: transformers' GGUF reader) "
+        "and compared with the PyTorch student on held-out blocks.",
+        "",
+        "| export | perplexity | ppl / student | max abs logit diff vs PyTorch | top-1 "
+        "agreement | forward tokens/s | generate tokens/s, batch 1 | MB | × fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in exports.items():
+        lines.append(
+            f"| {name} | {fmt(e['ppl'])} | {fmt(e.get('ppl_ratio'))} | "
+            f"{fmt(e['max_abs_logit_diff'])} | {fmt(e['top1_agreement'])} | "
+            f"{fmt(e.get('forward_tokens_per_s'))} | {fmt(e.get('gen_tokens_per_s_b1'))} | "
+            f"{fmt(e['mb'])} | {fmt(e.get('size_ratio_fp32'))} |"
+        )
+    return lines
+
+
 def split_lines(split: dict) -> list[str]:
     """Markdown lines that say where the held-out numbers come from."""
     if not split:
@@ -117,13 +233,7 @@ def render_markdown(report: dict) -> str:
         f"| student after training | {fmt(m['student_ppl_after'])} | "
         f"{fmt(m['top1_agreement_after'])} | {fmt(m['kl_after'])} |",
         "",
-        "## Size",
-        "",
-        "| | parameters | on disk (MB) |",
-        "|---|---|---|",
-        f"| teacher | {sz['teacher_params']:,} | {fmt(sz.get('teacher_mb'))} |",
-        f"| student | {sz['student_params']:,} | {fmt(sz['student_mb'])} |",
-        "",
+        *size_lines(sz),
         "## Speed (this machine)",
         "",
         "| model | generate tokens/s, batch 1 | generate tokens/s, batch 8 |",
@@ -131,21 +241,7 @@ def render_markdown(report: dict) -> str:
         f"| teacher | {fmt(sp['teacher_gen_b1'])} | {fmt(sp['teacher_gen_b8'])} |",
         f"| student | {fmt(sp['student_gen_b1'])} | {fmt(sp['student_gen_b8'])} |",
     ]
-    if report.get("exports"):
-        lines += [
-            "",
-            "## Exports",
-            "",
-            "| export | perplexity | max abs logit diff vs PyTorch | top-1 agreement | "
-            "forward tokens/s | MB |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, e in report["exports"].items():
-            lines.append(
-                f"| {name} | {fmt(e['ppl'])} | {fmt(e['max_abs_logit_diff'])} | "
-                f"{fmt(e['top1_agreement'])} | {fmt(e['forward_tokens_per_s'])} | "
-                f"{fmt(e['mb'])} |"
-            )
+    lines += export_lines(report.get("exports") or {})
     lines += shape_search_lines(report.get("shape_search"))
     return "\n".join(lines) + "\n"
 

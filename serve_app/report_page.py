@@ -73,6 +73,41 @@ def _progress(job: dict) -> str:
     return bar + _table(["", ""], rows) + error
 
 
+def _size(sz: dict) -> str:
+    """Parameters, both models at one precision, then every file (kd.report.size_lines)."""
+    t, s = sz["teacher_params"], sz["student_params"]
+    if "precision" not in sz:  # a report written before sizes were compared like with like
+        return _table(
+            ["model", "parameters", "on disk (MB)"],
+            [["teacher", t, sz.get("teacher_mb")], ["student", s, sz.get("student_mb")]],
+        )
+    tb, sb = sz["teacher_bytes_at_precision"], sz["student_bytes_at_precision"]
+    files = [
+        [f["artifact"], f["what"], None if f["bytes"] is None else f["bytes"] / 1e6,
+         f.get("size_ratio_fp32")]
+        for f in sz["files"]
+    ]  # fmt: skip
+    return _table(
+        ["", "teacher", "student", "student / teacher"],
+        [["parameters", t, s, s / t], [f"MB at {sz['precision']}", tb / 1e6, sb / 1e6, sb / tb]],
+    ) + _table(["file", "what", "MB", "× fp32 student"], files)
+
+
+def _exports(exports: dict) -> list[str]:
+    """Each export loaded back with its own runtime, against the PyTorch student."""
+    if not exports:
+        return []
+    rows = [
+        [name, e["ppl"], e.get("ppl_ratio"), e["max_abs_logit_diff"], e["top1_agreement"],
+         e.get("forward_tokens_per_s"), e.get("gen_tokens_per_s_b1"), e["mb"],
+         e.get("size_ratio_fp32")]
+        for name, e in exports.items()
+    ]  # fmt: skip
+    head = ["export", "perplexity", "ppl / student", "max |Δlogit|", "top-1",
+            "forward tokens/s", "generate tokens/s b1", "MB", "× fp32"]  # fmt: skip
+    return ["<h3>Exports</h3>", _table(head, rows)]
+
+
 def _evaluation(report: dict | None, summary: dict | None) -> str:
     if report is None:
         if not summary:
@@ -95,35 +130,14 @@ def _evaluation(report: dict | None, summary: dict | None) -> str:
             ],
         ),
         "<h3>Size</h3>",
-        _table(
-            ["model", "parameters", "on disk (MB)"],
-            [
-                ["teacher", sz["teacher_params"], sz.get("teacher_mb")],
-                ["student", sz["student_params"], sz.get("student_mb")],
-            ],
-        ),
+        _size(sz),
         "<h3>Generation speed (tokens/s)</h3>",
         _table(
             ["model", "batch 1", "batch 8"],
             [[n, sp[f"{n}_gen_b1"], sp[f"{n}_gen_b8"]] for n in ("teacher", "student")],
         ),
     ]
-    if report.get("exports"):
-        rows = [
-            [
-                name,
-                e["ppl"],
-                e["max_abs_logit_diff"],
-                e["top1_agreement"],
-                e["forward_tokens_per_s"],
-                e["mb"],
-            ]
-            for name, e in report["exports"].items()
-        ]
-        parts += [
-            "<h3>Exports</h3>",
-            _table(["export", "perplexity", "max |Δlogit|", "top-1", "tokens/s", "MB"], rows),
-        ]
+    parts += _exports(report.get("exports") or {})
     parts += _shape_search(report.get("shape_search"))
     return "".join(parts)
 

@@ -134,8 +134,7 @@ TINY_JOB = dict(
     save_every=2,
     max_eval_blocks=2,
     student_layers=2,
-    export_onnx=False,
-    post_training_quant=False,
+    export_formats=["safetensors"],
 )
 
 

@@ -161,7 +161,7 @@ def cancelled(deployed, tiny_teacher, corpus):
     rc, out, err = cli(
         *auth, "distill", "--teacher", str(tiny_teacher), "--dataset", str(corpus),
         "--max-steps", "100000", "max_seq_len=32", "student_layers=2", "save_every=0",
-        "export_onnx=false", "post_training_quant=false",
+        "export_formats=safetensors",
     )  # fmt: skip
     assert rc == 0, err
     job_id = re.search(r"submitted (kd-[0-9a-f]+)", out).group(1)

@@ -125,3 +125,32 @@ def test_rejects_what_llama_cpp_cannot_name(small, tmp_path):
         kg.gguf_tensors(state, model.config)
     with pytest.raises(kg.GGUFExportError, match="not one of"):
         kg.write_gguf(small, tmp_path / "x.gguf", "q4_k")
+
+
+def test_width_pruned_student_exports_through_the_job_writers(small, tokenizer, blocks, tmp_path):
+    """A kd.width student (hidden 48 but 2 heads of the teacher's head_dim 16, so
+    heads·head_dim != hidden; 1 KV head) written by the job's gguf-f16 / gguf-q8_0
+    writers and read back by their runtime (transformers' GGUF reader)."""
+    from kd import exports
+    from kd.config import DistillConfig
+    from kd.shapes import Shape
+    from kd.width import importance, prune, select
+
+    teacher = _load(small)
+    calib = [{"input_ids": blocks, "attention_mask": torch.ones_like(blocks)}]
+    keep = select(importance(teacher, calib), [0, 1], Shape(2, 48, 96, 2, 1), kv_total=2)
+    student = prune(teacher, keep).eval()
+    assert student.config.head_dim * student.config.num_attention_heads != 48
+    cfg = DistillConfig(teacher_model=str(small), export_formats=["gguf-f16", "gguf-q8_0"])
+    paths = exports.export(
+        student, ["gguf-f16", "gguf-q8_0"], tmp_path, tokenizer=tokenizer, cfg=cfg
+    )
+    assert paths["gguf-q8_0"] == tmp_path / "gguf" / "student-q8_0.gguf"
+    mask = torch.ones_like(blocks)
+    with torch.no_grad():
+        want = student(input_ids=blocks, attention_mask=mask).logits
+    got = {n: exports.RUNTIMES[n](p)(blocks, mask) for n, p in paths.items()}
+    assert float((got["gguf-f16"] - want).abs().max()) < 1e-2
+    assert (got["gguf-f16"].argmax(-1) == want.argmax(-1)).float().mean() >= 0.99
+    row = kg.check_gguf(paths["gguf-q8_0"], student, blocks)
+    assert abs(row["ppl_ratio"] - 1) < 0.01 and row["top1_agreement"] >= 0.9

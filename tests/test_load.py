@@ -41,7 +41,7 @@ def test_concurrent_posts_and_polls_lose_nothing(ray_cluster, tmp_path_factory, 
     serve.run(app_builder(settings), name="load", route_prefix="/load")
     url = ray_cluster["http"] + "/load"
     body = dict(teacher_model=str(tiny_teacher), max_seq_len=32, per_device_batch_size=2)
-    body |= dict(max_eval_blocks=2, export_onnx=False, post_training_quant=False)
+    body |= dict(max_eval_blocks=2, export_formats=["safetensors"])
     try:
         t0 = time.time()
         result = asyncio.run(bench.with_training_job(url, body, posts=20, polls=100))

@@ -59,8 +59,9 @@ def trial_config(cfg: DistillConfig, shape: Shape, steps: int) -> DistillConfig:
         "save_every": 0,
         "eval_every": 0,
         "num_workers": 1,
-        "export_onnx": False,
-        "post_training_quant": False,
+        "export_formats": ["safetensors"],
+        "export_onnx": None,  # the deprecated switches, in case the job still used them
+        "post_training_quant": None,
     }
     return DistillConfig.model_validate(cfg.model_dump() | update)
 

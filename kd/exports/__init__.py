@@ -1,35 +1,38 @@
 """Exporting the trained student: one module per format behind one entry point.
 
-    written = export(student, ["student", "onnx-fp32", "int8-dynamic"], out,
-                     tokenizer=tok, cfg=cfg)          # {format: its folder under out}
+    written = export(student, ["safetensors", "gguf-q8_0", "ort-genai-int4"], out,
+                     tokenizer=tok, cfg=cfg)   # {format: its folder or file under out}
 
 Modules:
     common       ExportRequest (what a writer gets), plain_student, write_json, tokenizer files
-    safetensors  "student": the merged student as a Hugging Face folder (+ load_student)
+    safetensors  "safetensors": the merged student as a Hugging Face folder student/
+                 (+ load_student), in the precision save_dtype resolves to (precision)
     onnx         "onnx-fp32": the logits as an fp32 ONNX graph, and OnnxLM (its runtime)
     int8         "int8-dynamic": the ONNX graph with ONNX Runtime dynamic INT8 weights
     manifest     manifest.json: every artifact file with its size and sha256
-    gguf         GGUF files for llama.cpp (F16, Q8_0, 4/5-bit) and their round-trip check
-    ort_genai    ONNX Runtime GenAI models (fp32, INT8, INT4 weight-only) via its builder
+    gguf         "gguf-<type>": gguf/student-<type>.gguf for llama.cpp (F16, Q8_0, 4/5-bit)
+    ort_genai    "ort-genai-<p>": ONNX Runtime GenAI models (fp32, INT8, INT4 weight-only)
     parity       logits parity, perplexity and agreement of an artifact vs the PyTorch student
+    precision    save_dtype: the teacher's own precision, and the cast of the saved student
 
-gguf and ort_genai are not in WRITERS yet (a job cannot ask for them until the config's
-export_formats field lands); bench/formats.py writes and measures them today.
+The names are kd.config.EXPORT_FORMATS (what DistillConfig.export_formats accepts).
 
-A format is one `write(req) -> folder` function listed in WRITERS; formats are written
+A format is one `write(req) -> path` function listed in WRITERS; formats are written
 in the order given, and a later one may reuse an earlier one's folder (`req.written`).
-`RUNTIMES` names the formats the pipeline can load back to measure parity and speed.
+`RUNTIMES` loads each format back with its own runtime or reader as a logits function
+`(input_ids, attention_mask) -> logits`, for the job's round-trip check.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from torch import nn
 
-from kd.config import DistillConfig
-from kd.exports import int8, onnx, safetensors
+from kd.config import EXPORT_FORMATS, GGUF_TYPES, DistillConfig
+from kd.exports import gguf, int8, onnx, ort_genai, safetensors
 from kd.exports.common import (
     ExportError,
     ExportRequest,
@@ -45,12 +48,18 @@ WRITERS: dict[str, Writer] = {
     safetensors.FORMAT: safetensors.write,
     onnx.FORMAT: onnx.write,
     int8.FORMAT: int8.write,
+    **{f"gguf-{q}": gguf.writer(q) for q in GGUF_TYPES},
+    **{f"ort-genai-{p}": ort_genai.writer(p) for p in ort_genai.GENAI_PRECISIONS},
 }
-# Formats whose folder loads back as a logits function (input_ids, attention_mask).
+# What each exported path loads back as: a logits function (input_ids, attention_mask).
 RUNTIMES: dict[str, Callable[[Path], Callable]] = {
     onnx.FORMAT: OnnxLM,
     int8.FORMAT: OnnxLM,
+    **{f"gguf-{q}": gguf.GGUFRuntime for q in GGUF_TYPES},
+    **{f"ort-genai-{p}": ort_genai.GenAIRuntime for p in ort_genai.GENAI_PRECISIONS},
 }
+if set(WRITERS) != set(EXPORT_FORMATS):  # the config's names and the writers must agree
+    raise ImportError(f"kd.exports.WRITERS {sorted(WRITERS)} != EXPORT_FORMATS")
 
 __all__ = [
     "RUNTIMES",
@@ -58,6 +67,7 @@ __all__ = [
     "ExportError",
     "ExportRequest",
     "OnnxLM",
+    "check_formats",
     "export",
     "formats_for",
     "load_student",
@@ -70,8 +80,22 @@ __all__ = [
 
 def formats_for(cfg: DistillConfig) -> list[str]:
     """The formats a job asks for beside the student folder, in writing order."""
-    wanted = {onnx.FORMAT: cfg.export_onnx, int8.FORMAT: cfg.post_training_quant}
-    return [name for name, on in wanted.items() if on]
+    return [f for f in cfg.export_formats if f != safetensors.FORMAT]
+
+
+def check_formats(cfg: DistillConfig, student_config) -> None:
+    """Before training: fail now, not after it, when an export cannot be written for this
+    student's architecture (GGUF: Llama only). Raises ExportError naming the field."""
+    wanted = [f for f in cfg.export_formats if f.startswith("gguf-")]
+    if not wanted:
+        return
+    try:
+        gguf.check_architecture(student_config)
+    except gguf.GGUFExportError as e:
+        raise ExportError(
+            f"export_formats: {wanted} cannot be written for this student: {e}; drop the "
+            "gguf-* formats (ort-genai-* and safetensors cover other architectures)"
+        ) from e
 
 
 def export(
@@ -83,12 +107,14 @@ def export(
     cfg: DistillConfig,
     extra: dict | None = None,
     written: dict[str, Path] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, Path]:
-    """Write each format under `out`, in order. Returns {format: folder} of this call.
+    """Write each format under `out`, in order. Returns {format: folder or file}.
 
     student: the trained student (a plain copy is made: LoRA merged, fp32, CPU).
     extra: more keys for the student's distill_config.json (e.g. kept_layers).
     written: folders of formats written by an earlier call, for reuse (tokenizer files).
+    seconds: if given, gets each format's writing time.
     """
     formats = list(formats)
     unknown = [f for f in formats if f not in WRITERS]
@@ -97,6 +123,12 @@ def export(
     req = ExportRequest(
         plain_student(student), tokenizer, cfg, Path(out), extra or {}, dict(written or {})
     )
-    for name in formats:
-        req.written[name] = WRITERS[name](req)
+    try:
+        for name in formats:
+            t0 = time.perf_counter()
+            req.written[name] = WRITERS[name](req)
+            if seconds is not None:
+                seconds[name] = time.perf_counter() - t0
+    finally:
+        req.cleanup()
     return {name: req.written[name] for name in formats}

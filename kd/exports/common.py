@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from kd.config import DistillConfig
 
 
 class ExportError(RuntimeError):
-    """An export failed; the job fails with this message unless export_onnx=false."""
+    """An export failed; the job fails with this message (drop the format from
+    export_formats to run without it)."""
 
 
 @dataclass
@@ -29,7 +31,27 @@ class ExportRequest:
     cfg: DistillConfig
     out: Path  # the artifact folder; each format writes its own subfolder
     extra: dict = field(default_factory=dict)  # more keys for distill_config.json
-    written: dict[str, Path] = field(default_factory=dict)  # format -> its folder
+    written: dict[str, Path] = field(default_factory=dict)  # format -> its folder or file
+    scratch: Path | None = None  # a temporary fp32 student folder (see fp32_folder)
+
+    def fp32_folder(self) -> Path:
+        """A Hugging Face folder of the fp32 student, for tools that read one (the GenAI
+        builder): the saved student when it is fp32, else a temporary copy (`cleanup`)."""
+        saved = self.written.get("safetensors")
+        if saved is not None:
+            dtype = json.loads((saved / "config.json").read_text()).get("dtype", "float32")
+            if dtype == "float32":
+                return saved
+        if self.scratch is None:
+            self.scratch = Path(tempfile.mkdtemp(prefix="llm2slm-fp32-"))
+            self.student.save_pretrained(self.scratch, safe_serialization=True)
+            self.tokenizer.save_pretrained(self.scratch)
+        return self.scratch
+
+    def cleanup(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
 
 Writer = Callable[[ExportRequest], Path]  # writes one format, returns its folder
@@ -64,8 +86,8 @@ def copy_tokenizer(student_dir: Path, dst: Path) -> None:
 
 def tokenizer_files(req: ExportRequest, dst: Path) -> None:
     """Tokenizer and config next to a runtime's model file, so the folder loads alone."""
-    if "student" in req.written:
-        copy_tokenizer(req.written["student"], dst)
+    if "safetensors" in req.written:
+        copy_tokenizer(req.written["safetensors"], dst)
     else:
         req.tokenizer.save_pretrained(dst)
         req.student.config.save_pretrained(dst)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kd.config import GGUF_TYPES
+from kd.exports.common import ExportError, ExportRequest, Writer
 from kd.exports.parity import BlockLogits, artifact_row, parity, reference_logits, torch_logits
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,6 @@ def _types():
     }
 
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
 # Types below 8 bits keep the embedding (= output head when tied) at Q8_0.
 _LOW_BIT = ("q5_0", "q5_1", "q4_0", "q4_1")
 
@@ -147,6 +148,18 @@ def gguf_tensors(state: dict[str, Tensor], config) -> list[tuple[str, Tensor]]:
             "only plain Llama students (LoRA merged, no extra heads) can be written as GGUF"
         )
     return out
+
+
+def check_architecture(config) -> None:
+    """Raise GGUFExportError unless this writer can express `config` (a model config)."""
+    if config.model_type != "llama":
+        raise GGUFExportError(
+            f"model_type '{config.model_type}' is not supported; this writer handles Llama "
+            "(SmolLM, TinyLlama, Llama 2/3 without RoPE scaling)"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise GGUFExportError(f"hidden_act '{config.hidden_act}': llama.cpp's llama uses silu")
+    _rope_theta(config)
 
 
 def _tensor_type(name: str, t: Tensor, qtype: str):
@@ -276,13 +289,7 @@ def write_gguf(
     if qtype not in GGUF_TYPES:
         raise GGUFExportError(f"GGUF type '{qtype}' is not one of {list(GGUF_TYPES)}")
     state, config, tok = _load(student, tokenizer)
-    if config.model_type != "llama":
-        raise GGUFExportError(
-            f"model_type '{config.model_type}' is not supported; this writer handles Llama "
-            "(SmolLM, TinyLlama, Llama 2/3 without RoPE scaling)"
-        )
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise GGUFExportError(f"hidden_act '{config.hidden_act}': llama.cpp's llama uses silu")
+    check_architecture(config)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + f".tmp{os.getpid()}")
@@ -341,3 +348,42 @@ def quantization_error(t: Tensor, qtype: str) -> float:
     x = t.detach().float().numpy()
     back = gguf.quants.dequantize(gguf.quants.quantize(x, ggml_type), ggml_type).reshape(x.shape)
     return float(np.sqrt(((back - x) ** 2).mean() / max((x**2).mean(), 1e-30)))
+
+
+# ---- the job's formats "gguf-<type>": one file each under gguf/ ---------------------
+DIR = "gguf"
+
+
+def gguf_path(out: Path, qtype: str) -> Path:
+    """Where the job writes format gguf-<qtype>: <out>/gguf/student-<qtype>.gguf."""
+    return Path(out) / DIR / f"student-{qtype}.gguf"
+
+
+def writer(qtype: str) -> Writer:
+    """The export writer of format `gguf-<qtype>`; returns the file it wrote."""
+
+    def write(req: ExportRequest) -> Path:
+        try:
+            return write_gguf(
+                req.student, gguf_path(req.out, qtype), qtype, tokenizer=req.tokenizer
+            )
+        except GGUFExportError as e:
+            raise ExportError(
+                f"export_formats: gguf-{qtype} failed: {e}; or drop it from export_formats"
+            ) from e
+
+    return write
+
+
+class GGUFRuntime:
+    """A GGUF file read back with transformers' reader: `(input_ids, attention_mask) ->
+    logits [B, L, V]`, for the job's round-trip check."""
+
+    def __init__(self, path: str | Path):
+        self.model = load_gguf(path)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits

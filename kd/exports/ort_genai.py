@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kd.exports.common import ExportError, ExportRequest, Writer
 from kd.exports.parity import BlockLogits, artifact_row, parity, reference_logits
 
 GENAI_PRECISIONS = ("fp32", "int8", "int4")
@@ -190,3 +191,50 @@ def check_genai(
         **artifact_row(folder, fp32_bytes),
         "model_bytes": model_bytes,
     }
+
+
+# ---- the job's formats "ort-genai-<precision>": one folder each --------------------
+def genai_dir(out: Path, precision: str) -> Path:
+    return Path(out) / f"ort-genai-{precision}"
+
+
+def writer(precision: str) -> Writer:
+    """The export writer of format `ort-genai-<precision>`; built from the fp32 student
+    (the builder quantizes from it), returns the model folder."""
+
+    def write(req: ExportRequest) -> Path:
+        try:
+            return build_genai(req.fp32_folder(), genai_dir(req.out, precision), precision)
+        except GenAIExportError as e:
+            raise ExportError(
+                f"export_formats: ort-genai-{precision} failed: {e}\n"
+                "(or drop it from export_formats)"
+            ) from e
+
+    return write
+
+
+class GenAIRuntime:
+    """A GenAI folder as `(input_ids, attention_mask) -> logits [B, L, V]`: each row's
+    real (left-aligned) tokens are one prefill with og's generator; padding gets 0."""
+
+    def __init__(self, folder: str | Path):
+        self.lm = GenAILM(folder)
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        lengths = attention_mask.sum(-1).tolist()
+        rows = []
+        for ids, n, m in zip(input_ids, lengths, attention_mask, strict=True):
+            if not bool(m[: int(n)].all()):
+                raise ValueError("GenAIRuntime needs right padding (real tokens first)")
+            rows.append(self.lm(ids[None, : int(n)])[0])
+        out = torch.zeros(*input_ids.shape, rows[0].shape[-1])
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+        return out
+
+    def generate_speed(self, prompt: Tensor, new_tokens: int = 32) -> float:
+        """Greedy tokens/s at batch 1 (new tokens over wall time, prefill included)."""
+        self.lm.generate(prompt[:8], 2)  # warm-up
+        _, seconds = self.lm.generate(prompt, new_tokens)
+        return new_tokens / seconds
