@@ -178,12 +178,51 @@ def arm_train(args, work: Path, cached: bool) -> dict:
     }
 
 
+def arm_topk(args, work: Path) -> dict:
+    """Top-k mode's quality cost on batch 0: the student's KD gradient from k + 1
+    buckets against exact mode's (cosine and relative error), and both KD values."""
+    from kd import models, teacher_signal
+    from kd.losses import LossWeights
+    from kd.teacher_signal import TeacherSignal
+
+    student, tok = models.load_model_and_tokenizer(str(work / "student"))
+    teacher, _ = models.load_model_and_tokenizer(args.teacher_folder)
+    t_fwd = models.DistillForward(teacher.eval().requires_grad_(False))
+    b = _blocks(args, tok)[0]
+    ids, mask = b["input_ids"], b["attention_mask"]
+    w = LossWeights(alpha_kl=1.0, temperature=2.0, loss_chunk_tokens=256)
+    sig = teacher_signal.compute_signal(t_fwd, ids, mask, "topk", args.topk, w.temperature)
+    top = TeacherSignal("topk", sig).take(list(range(len(ids))))
+    exact = teacher_signal.compute_signal(t_fwd, ids, mask, "exact", 0, 1.0)
+    head = t_fwd.head_weight()
+    del t_fwd, teacher
+    out, grads = {}, {}
+    s_fwd = models.DistillForward(student.train())
+    for mode, signal in (("exact", {"hidden": torch.from_numpy(exact["hidden"])}), ("topk", top)):
+        s_fwd.zero_grad(set_to_none=True)
+        t_logits, _, _ = teacher_signal.teacher_outputs(signal, head, "cpu")
+        s_logits, _, _ = s_fwd(ids, mask, fused_lm_head=True)
+        loss, parts = teacher_signal.hybrid_loss(s_logits, t_logits, mask, w, input_ids=ids)
+        loss.backward()
+        grads[mode] = torch.cat(
+            [p.grad.flatten() for p in s_fwd.parameters() if p.grad is not None]
+        )
+        out[f"kd_{mode}"] = float(parts["kd"])
+    g_e, g_t = grads["exact"], grads["topk"]
+    out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(g_e, g_t, dim=0))
+    out["grad_rel_err"] = float((g_t - g_e).norm() / g_e.norm())
+    out["k"] = args.topk
+    return out
+
+
 def child(args) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     args.teacher_folder = _teacher_folder(args, work)
     if args.arm == "build":
         out = arm_build(args, work)
+    elif args.arm == "topk":
+        out = arm_topk(args, work)
     else:
         out = arm_train(args, work, cached=args.arm == "cache")
     print("RESULT " + json.dumps(out), flush=True)
@@ -211,22 +250,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wide", type=int, default=1, help="random teacher this many x wider")
+    ap.add_argument("--topk", type=int, default=64, help="k of the top-k quality arm; 0: skip")
     ap.add_argument("--arm", default=None)
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     if args.arm:
         return child(args)
-    keys = ("teacher", "dataset", "batch", "seq", "steps", "threads", "wide")
+    keys = ("teacher", "dataset", "batch", "seq", "steps", "threads", "wide", "topk")
     args.passthrough = [x for k in keys for x in (f"--{k}", str(getattr(args, k)))]
     with tempfile.TemporaryDirectory() as work:
         build = run_arm("build", args, work)
         runs = {"live": [], "cache": []}
         for arm in ("live", "cache", "live", "cache"):
             runs[arm].append(run_arm(arm, args, work))
-    report(args, build, runs)
+        topk = run_arm("topk", args, work) if args.topk else None
+    report(args, build, runs, topk)
 
 
-def report(args, build: dict, runs: dict) -> None:
+def report(args, build: dict, runs: dict, topk: dict | None) -> None:
     med = {a: statistics.median(r["step_s"] for r in rs) for a, rs in runs.items()}
     rss = {a: max(r["peak_rss_mb"] for r in rs) for a, rs in runs.items()}
     kd = {a: rs[0]["first_batch"]["kd"] for a, rs in runs.items()}
@@ -255,7 +296,13 @@ def report(args, build: dict, runs: dict) -> None:
         f"{build['plain_tokens_per_s']:.0f}: {ratio:.2f} (target >= 0.85); "
         f"{build['bytes_per_token']:.0f} bytes/token on disk"
     )
-    print("RESULTS " + json.dumps({"build": build, "runs": runs}))
+    if topk:
+        print(
+            f"top-k (k={topk['k']}) vs exact on batch 0: student KD-gradient cosine "
+            f"{topk['grad_cosine']:.4f}, relative error {topk['grad_rel_err']:.3f}; KD "
+            f"{topk['kd_topk']:.4f} (k+1 buckets) vs {topk['kd_exact']:.4f} (full vocabulary)"
+        )
+    print("RESULTS " + json.dumps({"build": build, "runs": runs, "topk": topk}))
 
 
 if __name__ == "__main__":
