@@ -18,6 +18,8 @@ Modules:
     shapes    exact parameter counts and candidate student shapes under a budget (no torch)
     losses    the hybrid KD loss: a sum of vocabulary, hidden-state and attention terms
     vocab     the chunked, closed-form-gradient vocabulary terms (fused LM head or logits)
+    teacher_signal  a stored teacher signal (exact hidden state or top-k) in place of
+              the teacher forward
     optim     AdamW and the learning-rate schedule
     train     setup() -> Run, the loop, its schedule and the events it emits
     rollout   on-policy batches: prompts -> generated continuations with a loss mask (GKD)

@@ -317,6 +317,22 @@ class DistillConfig(BaseModel):
         "[batch, seq, vocab] tensor exists; false materializes them (same values).",
     )
 
+    # ---- teacher signal cache (kd/teacher_signal.py, train_job/teacher_cache.py) ------
+    teacher_signal: Literal["live", "cache", "auto"] = Field(
+        "live",
+        description="live: run the teacher every step; cache: use the stored teacher "
+        "signal of this teacher and corpus (built once when missing); auto: use it when "
+        "it exists, build it when the job runs more than one epoch over the corpus.",
+    )
+    teacher_cache_mode: Literal["exact", "topk"] = Field(
+        "exact",
+        description="exact: the teacher's final hidden state (fp16), logits recomputed with "
+        "its LM head (full vocabulary); topk: teacher_topk log-probs + the tail mass.",
+    )
+    teacher_topk: int = Field(
+        64, ge=1, le=4096, description="Ids kept per token in teacher_cache_mode=topk."
+    )
+
     # ---- on-policy distillation (GKD; TRL's GKDConfig semantics) --------------------
     lmbda: float = Field(
         0.0,
@@ -483,6 +499,7 @@ class DistillConfig(BaseModel):
             )
         self._check_generation(problems)
         self._legacy_exports(problems)
+        self._check_teacher_signal(problems)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -533,6 +550,31 @@ class DistillConfig(BaseModel):
             problems.append(
                 f"prompt_column: '{self.prompt_column}' is also text_column; text_column "
                 "must name the response column"
+            )
+
+    def _check_teacher_signal(self, problems: list[str]) -> None:
+        """A cached teacher signal covers the packed data blocks and no attention map."""
+        if self.teacher_signal == "live":
+            return
+        if self.epsilon_attn > 0:
+            problems.append(
+                "epsilon_attn: the attention term needs a live teacher (attention maps are "
+                "not cached); set epsilon_attn=0 or teacher_signal=live"
+            )
+        if self.teacher_cache_mode == "topk" and self.needs_hidden:
+            problems.append(
+                "teacher_cache_mode: topk stores no hidden states, so gamma_mse/delta_cos "
+                "cannot use it; use teacher_cache_mode=exact or set both weights to 0"
+            )
+        if self.generates or self.prompt_column is not None:
+            problems.append(
+                "teacher_signal: the cache covers the corpus's packed blocks, not generated "
+                "(lmbda, seq_kd) or prompt_column batches; set teacher_signal=live"
+            )
+        if self.teacher_signal == "cache" and not self.needs_teacher:
+            problems.append(
+                "teacher_signal: lm_ce alone runs no teacher, so there is nothing to cache; "
+                "set teacher_signal=live or a teacher loss weight (alpha_kl)"
             )
 
     def _normalize_student(self, problems: list[str]) -> None:

@@ -33,10 +33,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kd import evaluate, models, rollout
+from kd import evaluate, models, rollout, teacher_signal
 from kd.config import DistillConfig
 from kd.data import BlockSampler, Packed, build_datasets
-from kd.losses import HiddenProjection, LossWeights, TokenCounts, hybrid_loss, term_count
+from kd.losses import HiddenProjection, LossWeights, TokenCounts, term_count
 from kd.optim import make_optimizer, make_scheduler
 from kd.student import build_student
 
@@ -68,6 +68,7 @@ class Run:
     step: int = 0
     rank: int = 0
     world: int = 1
+    teacher_forwards: int = 0  # live teacher forwards in training (0 with a cached signal)
 
     @property
     def autocast(self):
@@ -115,11 +116,14 @@ def setup(
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
     kept_layers: list[int] | None = None,
     log_fn: Callable[[str], None] = log.info,
+    signal: teacher_signal.TeacherSignal | None = None,
 ) -> Run:
     """Load models and data and build the optimizer for one worker.
 
     wrap_model: applied to the student's DistillForward (Ray passes prepare_model for
-    DDP). kept_layers: the derived student's layers from a checkpoint.
+    DDP). kept_layers: the derived student's layers from a checkpoint. signal: the
+    stored teacher signal of the training blocks (teacher_signal=cache builds it here
+    when none is given).
     """
     device = torch.device(device)
     seed_everything(cfg.seed)
@@ -141,7 +145,7 @@ def setup(
     )
     student, student_fwd = _prepare_student(cfg, teacher, student, device, wrap_model)
     optimizer = make_optimizer([p for p in student_fwd.parameters() if p.requires_grad], cfg)
-    return Run(
+    run = Run(
         cfg=cfg,
         device=device,
         tokenizer=tok,
@@ -160,6 +164,9 @@ def setup(
         rank=rank,
         world=world,
     )
+    if signal is not None or cfg.teacher_signal == "cache":
+        run.train_data = teacher_signal.attach(run, signal)
+    return run
 
 
 def _prepare_student(
@@ -430,7 +437,12 @@ def _micro_batch(
     kw = dict(want_attn=cfg.needs_attention, fused_lm_head=cfg.fused_lm_head)
     # Teacher: no grad, and only the outputs the active terms need.
     t_logits = t_hidden = t_attn = None
-    if cfg.needs_teacher:  # the no-teacher baseline (lm_ce only) skips it
+    signal = batch.get(teacher_signal.SIGNAL_KEY)
+    if signal is not None:  # the stored teacher signal replaces the teacher forward
+        head = run.teacher_fwd.head_weight()
+        t_logits, t_hidden, t_attn = teacher_signal.teacher_outputs(signal, head, dev)
+    elif cfg.needs_teacher:  # the no-teacher baseline (lm_ce only) skips it
+        run.teacher_forwards += 1
         with torch.no_grad(), run.autocast:
             t_logits, t_hidden, t_attn = run.teacher_fwd(ids, mask, **kw)
     ddp = hasattr(fwd, "no_sync")
@@ -438,7 +450,7 @@ def _micro_batch(
     with no_sync:
         with run.autocast:
             s_logits, s_hidden, s_attn = fwd(ids, mask, **kw)
-        loss, parts = hybrid_loss(
+        loss, parts = teacher_signal.hybrid_loss(  # kd.losses.hybrid_loss, or top-k
             s_logits,
             t_logits,
             mask,

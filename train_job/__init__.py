@@ -9,4 +9,5 @@ Modules:
     worker           what each rank runs: kd.train with one ray.train.report per event
     registry_client  progress updates to the job registry actor, when there is one
     shape_search     candidate student shapes under a parameter budget as Ray Tune trials
+    teacher_cache    the teacher signal cache: built by a Ray Data actor pool, reused by key
 """

@@ -80,6 +80,16 @@ def preflight(cfg: DistillConfig) -> None:
         dataset_source(ds, field)  # a missing or (in an API job) relative path fails here
 
 
+def prepare_teacher_cache(cfg: DistillConfig, paths: JobPaths, trust: bool) -> dict | None:
+    """The teacher signal cache this job reads (built here when needed), or None."""
+    if cfg.teacher_signal == "live":
+        return None
+    from train_job import teacher_cache
+
+    blocks = teacher_cache.training_blocks(cfg, trust)
+    return teacher_cache.prepare(cfg, paths.storage, blocks, trust_remote_code=trust)
+
+
 def build_trainer(
     cfg: DistillConfig,
     paths: JobPaths,
@@ -87,6 +97,7 @@ def build_trainer(
     trust: bool,
     preflight_plan: dict | None = None,
     shape_search: dict | None = None,
+    teacher_cache: dict | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -104,6 +115,7 @@ def build_trainer(
             "trust_remote_code": trust,
             "preflight": preflight_plan,  # rank 0 stores it in before.json
             "shape_search": shape_search,  # rank 0 puts it in metrics and the report
+            "teacher_cache": teacher_cache,  # train_job.teacher_cache.prepare
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -172,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight(cfg)
         cfg, search = resolve_budget(cfg, paths, registry, args.trust_remote_code)
-        build_trainer(cfg, paths, args.registry, args.trust_remote_code, plan, search).fit()
+        cache = prepare_teacher_cache(cfg, paths, args.trust_remote_code)
+        build_trainer(cfg, paths, args.registry, args.trust_remote_code, plan, search, cache).fit()
         metrics = store.read_json(paths.artifact_key("metrics.json"))
     except Exception as e:  # everything a job can die of ends as `failed` with a reason
         reason = _short_reason(e)

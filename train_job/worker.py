@@ -27,6 +27,7 @@ from kd.exports import write_json
 from kd.state import load as load_state
 from kd.state import load_state_dict, save, state_dict
 from kd.train import Event, Run, setup, train
+from train_job import teacher_cache
 from train_job.registry_client import RegistryClient
 
 
@@ -72,6 +73,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     started = time.time()
 
     state = _load_checkpoint()
+    cache = loop_config.get("teacher_cache")  # train_job.teacher_cache.prepare
+    signal = teacher_cache.load(paths.storage, cache["key"]) if cache else None
     run = setup(
         cfg,
         device=device,
@@ -80,6 +83,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trust_remote_code=bool(loop_config.get("trust_remote_code", False)),
         wrap_model=ray.train.torch.prepare_model,
         kept_layers=state["kept_layers"] if state else None,
+        signal=signal,
     )
     history: list[dict] = list(state.get("history", [])) if state else []
     before: dict = {}
@@ -130,12 +134,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train(run, on_event)
     train_s = time.perf_counter() - t_train
     blocks_by_rank = _gather(run.sampler.served)  # collective: every rank calls it
+    # this job's teacher forwards: the cache build's plus every rank's live ones
+    forwards = (cache or {}).get("teacher_forwards", 0) + sum(_gather(run.teacher_forwards))
     if rank == 0:
         registry.update(paths.job_id, state="exporting", step=run.step)
         extra = {
             "world_size": world,
             "blocks_seen_by_rank": blocks_by_rank,
             "resumed_from_step": resumed_from if state else None,
+            "teacher_forwards": forwards,
+            "teacher_cache": cache,
         }
         if loop_config.get("shape_search"):  # the driver's Ray Tune search that chose the shape
             extra["shape_search"] = loop_config["shape_search"]
