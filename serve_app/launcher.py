@@ -88,9 +88,19 @@ class JobLauncher:
                 time.sleep(2.0)
 
     def stop(self, submission_id: str) -> None:
+        """Stop a Ray job by submission id or driver job id; one that is gone is fine.
+
+        Raises ValueError for a driver that was not submitted through the job API (run
+        by hand): Ray cannot stop it.
+        """
         try:
             self.client().stop_job(submission_id)
         except RuntimeError as e:
+            if "Can only stop submission type jobs" in str(e):
+                raise ValueError(
+                    f"Ray job {submission_id} is a driver run by hand, not a submitted job: "
+                    "Ray cannot stop it; stop that process (or run jobs with `ray job submit`)"
+                ) from None
             if "does not exist" not in str(e) and "not found" not in str(e).lower():
                 raise
 
