@@ -39,7 +39,7 @@ async def healthz(svc: Annotated[Service, Depends(current)]) -> Health:
     status_code=202,
     response_model=SubmitResponse,
     tags=["jobs"],
-    responses=problems(400, 413),
+    responses=problems(400, 409, 413),
 )
 async def distill(
     cfg: DistillConfig,
@@ -68,11 +68,14 @@ async def distill(
     if refused:
         raise HTTPException(422, detail=refused)
     job_id = job_id or new_job_id()
-    paths = job_paths(svc.settings, job_id)
-    config = cfg.model_dump(mode="json")
-    # the job reads its config from storage (a shared folder or S3)
-    await asyncio.to_thread(paths.storage.write_json, paths.config_key, config)
-    job, _ = await svc.registry.create.remote(job_id, config)
+    # The registry writes config.json, and only for a new, failed or cancelled job.
+    job, created = await svc.registry.create.remote(job_id, cfg.model_dump(mode="json"))
+    if not created:
+        raise HTTPException(
+            409,
+            detail=f"job '{job_id}' exists and is {job['state']}: only a failed or cancelled "
+            "job can be resubmitted; use another job_id (or none) for a new job",
+        )
     return SubmitResponse(job_id=job_id, state=job["state"], status_url=f"/status/{job_id}")
 
 
