@@ -104,6 +104,17 @@ class JobLauncher:
             if "does not exist" not in str(e) and "not found" not in str(e).lower():
                 raise
 
+    def is_submitted(self, ray_job_id: str) -> bool | None:
+        """Whether a Ray job (submission id or driver job id) came through the job API,
+        i.e. whether Ray can stop it; None when Ray has no record of it."""
+        try:
+            info = self.client().get_job_info(ray_job_id)
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
+        return str(getattr(info.type, "value", info.type)).upper() == "SUBMISSION"
+
     def status(self, submission_id: str) -> tuple[str | None, str | None]:
         try:
             info = self.client().get_job_info(submission_id)

@@ -114,13 +114,14 @@ class JobRegistry:
     def _again(job: dict[str, Any]) -> dict[str, Any]:
         """Fields that reset a failed or cancelled job for another attempt."""
         attempt = job.get("attempt", 0) + 1
-        # ray_job_id, storage_root: set only while the job runs as one it registered itself
+        # ray_job_id, storage_root, stoppable: only for a job that registered itself
         return {
             "attempt": attempt,
             "error": None,
             "finished_at": None,
             "ray_job_id": None,
             "storage_root": None,
+            "stoppable": None,
         }
 
     # ---- API --------------------------------------------------------------------
@@ -162,7 +163,12 @@ class JobRegistry:
         record is not this run's to change.
         """
         self._ensure_loop()
-        job = self.jobs.get(job_id)
+        try:  # a driver run by hand (not `ray job submit`) is one Ray cannot stop
+            stoppable = await asyncio.to_thread(self.launcher.is_submitted, ray_job_id)
+        except Exception as e:  # dashboard unreachable: a cancel will find out
+            log.warning("cannot read Ray job %s of %s: %s", ray_job_id, job_id, e)
+            stoppable = None
+        job = self.jobs.get(job_id)  # looked up after the await
         if job is None:
             job = self._new_record(job_id)
         elif job["state"] in RESUBMITTABLE:
@@ -176,6 +182,7 @@ class JobRegistry:
             total_steps=config.get("max_steps"),
             storage_root=storage_root,
             ray_job_id=ray_job_id,
+            stoppable=stoppable,
             started_at=time.time(),
         )
 
@@ -207,6 +214,11 @@ class JobRegistry:
         job = self.jobs.get(job_id)
         if job is None or job["state"] in TERMINAL:
             return job
+        if job.get("ray_job_id") and job.get("stoppable") is False:
+            raise ValueError(
+                f"job '{job_id}' runs in a driver started by hand, not with `ray job "
+                "submit`: Ray cannot stop it; stop that process where it runs"
+            )
         held = job["state"] in ACTIVE
         ray_job_id = self._ray_job_id(job)
         self._set_state(job, "cancelled")

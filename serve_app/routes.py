@@ -111,7 +111,10 @@ async def cancel(job_id: str, svc: Svc) -> JobPublic:
     job = await job_or_404(svc, job_id)
     if job["state"] in TERMINAL:
         raise HTTPException(409, detail=f"job '{job_id}' already {job['state']}")
-    return JobPublic(**(await svc.registry.cancel.remote(job_id)))
+    try:
+        return JobPublic(**(await svc.registry.cancel.remote(job_id)))
+    except ValueError as e:  # a driver run by hand: Ray cannot stop it
+        raise HTTPException(409, detail=str(getattr(e, "cause", None) or e)) from None
 
 
 @router.get(
