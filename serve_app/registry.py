@@ -282,7 +282,8 @@ class JobRegistry:
 
     async def _submit(self, job: dict) -> bool:
         """Submit the job's current attempt; True when it now holds a Ray job."""
-        submission_id, t0 = self._submission_id(job), time.time()
+        submission_id = self._submission_id(job)
+        job["submitted_at"] = time.time()  # error.json older than this is an earlier attempt's
         try:
             await asyncio.to_thread(self.launcher.submit, job["job_id"], submission_id)
         except Exception as e:
@@ -294,7 +295,7 @@ class JobRegistry:
             await self._stop(job, submission_id)
             return False
         # Refused when the driver has already reported `running` (or `failed`).
-        self._set_state(job, "submitted", submitted_at=t0)
+        self._set_state(job, "submitted")
         return job["state"] in ACTIVE
 
     async def _reconcile(self) -> None:
