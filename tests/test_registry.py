@@ -146,7 +146,8 @@ def test_cancel_while_the_submit_is_in_flight_stops_the_job(ray_cluster, tmp_pat
         assert await asyncio.to_thread(launcher.in_flight.wait, 60)
         job = await reg.cancel(job_id)  # the submit is still sleeping
         assert job["state"] == "cancelled"
-        assert await asyncio.to_thread(launcher.returned.wait, 60)
+        # the launcher itself waits up to 30 s for a new cluster's job agent
+        assert await asyncio.to_thread(launcher.returned.wait, 240)
         await asyncio.sleep(1.5)  # the registry takes the submit's return, then a few ticks
         return reg.jobs[job_id]
 
@@ -171,8 +172,14 @@ def test_a_lost_final_report_is_read_from_the_job_files(ray_cluster, tmp_path):
     reg = _registry(tmp_path, ray_dashboard_address=ray_cluster["dashboard"], **settings)
     client = reg.launcher.client()
     # The job's Ray job, under its submission id: it ends at once and reports nothing.
-    client.submit_job(entrypoint=f"{sys.executable} -c pass", submission_id=job_id)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
+    while True:  # a cluster that has just started may have no job agent yet
+        try:
+            client.submit_job(entrypoint=f"{sys.executable} -c pass", submission_id=job_id)
+            break
+        except RuntimeError as e:
+            assert "No available agent" in str(e) and time.monotonic() < deadline, e
+            time.sleep(2.0)
     while str(client.get_job_status(job_id).value) != "SUCCEEDED":
         assert time.monotonic() < deadline, client.get_job_info(job_id)
         time.sleep(0.5)

@@ -112,16 +112,20 @@ def test_tiny_job_status_artifacts_download(svc, finished_job):
     assert c.get("/docs").status_code == 200 and "/distill" in c.get("/openapi.json").text
 
 
-def test_post_with_an_existing_id_gets_409_and_leaves_its_config(svc, finished_job):
-    """Only a new, failed or cancelled job may be (re)submitted under its id."""
-    c, job_id = svc["client"], finished_job["job_id"]
+def test_post_with_an_existing_id_gets_409_and_leaves_its_config(svc):
+    """Only a new, failed or cancelled job may be (re)submitted under its id: a queued
+    one keeps the config it will run with (test_registry covers running and succeeded)."""
+    c = svc["client"]
+    job_id = submit(svc, max_steps=100_000, save_every=0)
     config = svc["root"] / "jobs" / job_id / "config.json"
     before = config.read_bytes()
-    r = c.post("/distill", params={"job_id": job_id}, json=svc["cfg"] | {"max_steps": 7})
-    assert r.status_code == 409 and "is succeeded" in r.json()["detail"], r.text
-    assert config.read_bytes() == before
-    st = c.get(f"/status/{job_id}").json()
-    assert st["state"] == "succeeded" and st["config"]["max_steps"] == 6
+    try:
+        r = c.post("/distill", params={"job_id": job_id}, json=svc["cfg"] | {"max_steps": 7})
+        assert r.status_code == 409 and "exists and is" in r.json()["detail"], r.text
+        assert config.read_bytes() == before
+        assert c.get(f"/status/{job_id}").json()["config"]["max_steps"] == 100_000
+    finally:
+        c.delete(f"/jobs/{job_id}")
 
 
 def test_traversal_and_unknown_ids_get_404(svc, finished_job, tmp_path):
