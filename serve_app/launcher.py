@@ -97,11 +97,32 @@ class JobLauncher:
                 time.sleep(2.0)
 
     def stop(self, submission_id: str) -> None:
+        """Stop a Ray job by submission id or driver job id; one that is gone is fine.
+
+        Raises ValueError for a driver that was not submitted through the job API (run
+        by hand): Ray cannot stop it.
+        """
         try:
             self.client().stop_job(submission_id)
         except RuntimeError as e:
+            if "Can only stop submission type jobs" in str(e):
+                raise ValueError(
+                    f"Ray job {submission_id} is a driver run by hand, not a submitted job: "
+                    "Ray cannot stop it; stop that process (or run jobs with `ray job submit`)"
+                ) from None
             if "does not exist" not in str(e) and "not found" not in str(e).lower():
                 raise
+
+    def is_submitted(self, ray_job_id: str) -> bool | None:
+        """Whether a Ray job (submission id or driver job id) came through the job API,
+        i.e. whether Ray can stop it; None when Ray has no record of it."""
+        try:
+            info = self.client().get_job_info(ray_job_id)
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
+        return str(getattr(info.type, "value", info.type)).upper() == "SUBMISSION"
 
     def status(self, submission_id: str) -> tuple[str | None, str | None]:
         try:

@@ -72,13 +72,18 @@ async def distill(
     paths = job_paths(svc.settings, job_id)
     config = cfg.model_dump(mode="json")
     # A resubmitted id resumes from its checkpoint: refuse a changed model or data before
-    # its config.json is touched (the schedule may change; the job logs what did).
+    # anything is written (the schedule may change; the job logs what did).
     refused = await asyncio.to_thread(resume_refused, paths, config)
     if refused:
         raise HTTPException(409, detail=refused)
-    # the job reads its config from storage (a shared folder or S3)
-    await asyncio.to_thread(paths.storage.write_json, paths.config_key, config)
-    job, _ = await svc.registry.create.remote(job_id, config)
+    # The registry writes config.json, and only for a new, failed or cancelled job.
+    job, created = await svc.registry.create.remote(job_id, config)
+    if not created:
+        raise HTTPException(
+            409,
+            detail=f"job '{job_id}' exists and is {job['state']}: only a failed or cancelled "
+            "job can be resubmitted; use another job_id (or none) for a new job",
+        )
     return SubmitResponse(job_id=job_id, state=job["state"], status_url=f"/status/{job_id}")
 
 
@@ -114,7 +119,10 @@ async def cancel(job_id: str, svc: Svc) -> JobPublic:
     job = await job_or_404(svc, job_id)
     if job["state"] in TERMINAL:
         raise HTTPException(409, detail=f"job '{job_id}' already {job['state']}")
-    return JobPublic(**(await svc.registry.cancel.remote(job_id)))
+    try:
+        return JobPublic(**(await svc.registry.cancel.remote(job_id)))
+    except ValueError as e:  # a driver run by hand: Ray cannot stop it
+        raise HTTPException(409, detail=str(getattr(e, "cause", None) or e)) from None
 
 
 @router.get(

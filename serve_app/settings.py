@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.results import REGISTRY_NAME, REGISTRY_NAMESPACE
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLM2SLM_", extra="ignore")
@@ -35,8 +37,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body.")
     max_steps_limit: int = Field(1_000_000, ge=1, description="Largest max_steps accepted.")
     max_workers_limit: int = Field(64, ge=1, description="Largest num_workers accepted.")
-    registry_name: str = Field("llm2slm-job-registry")
-    namespace: str = Field("llm2slm", description="Ray namespace of the registry actor.")
+    registry_name: str = Field(REGISTRY_NAME)
+    namespace: str = Field(REGISTRY_NAMESPACE, description="Ray namespace of the registry actor.")
     poll_interval_s: float = Field(1.0, gt=0, le=60, description="Registry scheduling period.")
     job_env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for training jobs."

@@ -10,7 +10,10 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -107,6 +110,22 @@ def test_tiny_job_status_artifacts_download(svc, finished_job):
     page = c.get("/jobs", params={"limit": 5}).json()
     assert any(j["job_id"] == job_id for j in page["jobs"]) and page["limit"] == 5
     assert c.get("/docs").status_code == 200 and "/distill" in c.get("/openapi.json").text
+
+
+def test_post_with_an_existing_id_gets_409_and_leaves_its_config(svc):
+    """Only a new, failed or cancelled job may be (re)submitted under its id: a queued
+    one keeps the config it will run with (test_registry covers running and succeeded)."""
+    c = svc["client"]
+    job_id = submit(svc, max_steps=100_000, save_every=0)
+    config = svc["root"] / "jobs" / job_id / "config.json"
+    before = config.read_bytes()
+    try:
+        r = c.post("/distill", params={"job_id": job_id}, json=svc["cfg"] | {"max_steps": 7})
+        assert r.status_code == 409 and "exists and is" in r.json()["detail"], r.text
+        assert config.read_bytes() == before
+        assert c.get(f"/status/{job_id}").json()["config"]["max_steps"] == 100_000
+    finally:
+        c.delete(f"/jobs/{job_id}")
 
 
 def test_traversal_and_unknown_ids_get_404(svc, finished_job, tmp_path):
@@ -287,3 +306,44 @@ def test_worker_killed_resumes_from_checkpoint(svc):
     (svc["root"] / "resume.json").write_text(
         json.dumps({"killed_at": killed_at, "resumed_from": resumed})
     )
+
+
+def test_a_job_started_outside_the_service_registers_itself(ray_cluster, svc, tmp_path):
+    """`python -m train_job` against the cluster, without --registry: it finds the
+    registry under the name in LLM2SLM_NAMESPACE / LLM2SLM_REGISTRY_NAME, registers and
+    reports, and GET /jobs lists it with its state, progress and artifacts. A cancel is
+    refused with the reason: this driver is not a Ray job submission."""
+    import ray
+
+    c, job_id = svc["client"], f"by-hand-{uuid.uuid4().hex[:8]}"
+    cfg_file = tmp_path / "job.json"
+    cfg_file.write_text(json.dumps(svc["cfg"] | {"max_steps": 3}))
+    env = os.environ | {
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "LLM2SLM_NAMESPACE": svc["settings"]["namespace"],
+        "LLM2SLM_REGISTRY_NAME": svc["settings"]["registry_name"],
+    }
+    cmd = [sys.executable, "-m", "train_job", "--config", str(cfg_file)]
+    cmd += ["--job-id", job_id, "--storage", str(svc["root"])]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while (r := c.get(f"/status/{job_id}")).status_code == 404:
+            assert proc.poll() is None and time.time() < deadline, "never registered"
+            time.sleep(0.3)
+        assert r.json()["state"] in ("running", "exporting"), r.json()
+        r = c.delete(f"/jobs/{job_id}")  # Ray cannot stop a driver it did not start
+        assert r.status_code == 409 and "started by hand" in r.json()["detail"], r.text
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out.decode(errors="replace")[-4000:]
+    st = c.get(f"/status/{job_id}").json()
+    assert st["state"] == "succeeded" and st["step"] == 3, st
+    assert st["config"]["max_steps"] == 3 and st["summary"]["student_ppl_after"] > 0
+    listed = c.get("/jobs", params={"state": "succeeded", "limit": 200}).json()["jobs"]
+    assert job_id in [j["job_id"] for j in listed]
+    arts = [a["path"] for a in c.get(f"/artifacts/{job_id}").json()["artifacts"]]
+    assert "metrics.json" in arts and "student/model.safetensors" in arts

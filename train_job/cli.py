@@ -20,6 +20,7 @@ import time
 import traceback
 
 from jobs.paths import RAY_KEY, JobPaths, new_job_id
+from jobs.results import job_result
 from jobs.resume import resume_changes
 from jobs.storage import StorageError, is_uri, read_json_uri
 from kd.config import DistillConfig, load_config, parse_overrides, resume_refusal
@@ -168,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     from train_job.shape_search import resolve_budget
 
     ray.init(log_to_driver=True)  # joins a running cluster (RAY_ADDRESS) or starts one
-    registry = RegistryClient.connect(args.registry)
+    registry = RegistryClient.for_job(
+        args.registry, job_id, cfg.model_dump(mode="json"), paths.root
+    )
     try:  # tokenizers and memory per worker, from config files, before any worker starts
         plan = cluster_check(cfg, ray.nodes())
     except PreflightError as e:
@@ -185,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg)
         cfg, search = resolve_budget(cfg, paths, registry, args.trust_remote_code)
         cache = prepare_teacher_cache(cfg, paths, args.trust_remote_code)
-        build_trainer(cfg, paths, args.registry, args.trust_remote_code, plan, search, cache).fit()
-        metrics = store.read_json(paths.artifact_key("metrics.json"))
+        build_trainer(cfg, paths, registry.spec, args.trust_remote_code, plan, search, cache).fit()
+        result = job_result(paths)
+        if result is None:
+            raise RuntimeError(f"training ended without {paths.artifact_key('metrics.json')}")
     except Exception as e:  # everything a job can die of ends as `failed` with a reason
         reason = _short_reason(e)
         traceback.print_exc()
@@ -197,25 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"could not write error.json: {write_error}", file=sys.stderr, flush=True)
         registry.update_sync(job_id, state="failed", error=reason, finished_at=time.time())
         return 1
-    artifacts = paths.list_artifacts()
-    summary = {k: v for k, v in metrics.items() if k not in ("history", "student_selection")}
-    report_key = paths.artifact_key("report.json")
-    if store.is_file(report_key):  # exports' quality in the status too
-        exports = store.read_json(report_key).get("exports", {})
-        summary["exports"] = {
-            name: {k: e[k] for k in ("ppl", "max_abs_logit_diff", "top1_agreement")}
-            for name, e in exports.items()
-        }
-    registry.update_sync(
-        job_id,
-        state="succeeded",
-        step=metrics.get("steps"),
-        summary=summary,
-        artifacts=artifacts,
-        finished_at=time.time(),
-    )
+    registry.update_sync(job_id, state="succeeded", finished_at=time.time(), **result)
     print(
-        f"job {job_id} succeeded in {time.time() - t0:.0f}s; {len(artifacts)} artifacts "
+        f"job {job_id} succeeded in {time.time() - t0:.0f}s; {len(result['artifacts'])} artifacts "
         f"in {store.uri(paths.artifacts_key)}",
         flush=True,
     )
