@@ -191,6 +191,12 @@ class DistillConfig(BaseModel):
     max_eval_blocks: int = Field(
         16, ge=1, le=100_000, description="Held-out blocks used per evaluation."
     )
+    data_pipeline: Literal["local", "ray_data"] = Field(
+        "local",
+        description="Ray jobs only: 'local' packs the corpus in every worker; 'ray_data' "
+        "tokenizes once with Ray Data, caches the blocks as shards under corpus/<key>/ of "
+        "the storage root (reused by later jobs) and streams each worker its share.",
+    )
 
     # ---- optimisation -------------------------------------------------------------
     max_steps: int = Field(25, ge=1, le=10_000_000, description="Optimizer steps.")

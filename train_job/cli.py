@@ -89,10 +89,12 @@ def build_trainer(
     trust: bool,
     preflight_plan: dict | None = None,
     shape_search: dict | None = None,
+    corpus: dict | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from train_job.stream import trainer_datasets
     from train_job.worker import train_loop_per_worker
 
     storage_path, storage_fs = paths.storage.ray_storage(RAY_KEY)
@@ -106,7 +108,9 @@ def build_trainer(
             "trust_remote_code": trust,
             "preflight": preflight_plan,  # rank 0 stores it in before.json
             "shape_search": shape_search,  # rank 0 puts it in metrics and the report
+            "corpus": corpus,  # the corpus cache on data_pipeline='ray_data'
         },
+        **trainer_datasets(cfg, paths.root, corpus),  # {} on data_pipeline='local'
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kd.model_files import ModelFilesError
     from kd.preflight import PreflightError, cluster_check
+    from train_job.ingest import prepare as prepare_corpus
     from train_job.registry_client import RegistryClient
     from train_job.shape_search import resolve_budget
 
@@ -167,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight(cfg)
         cfg, search = resolve_budget(cfg, paths, registry, args.trust_remote_code)
-        build_trainer(cfg, paths, args.registry, args.trust_remote_code, plan, search).fit()
+        corpus = prepare_corpus(cfg, store, args.trust_remote_code)  # data_pipeline='ray_data'
+        trainer = build_trainer(
+            cfg, paths, args.registry, args.trust_remote_code, plan, search, corpus
+        )
+        trainer.fit()
         metrics = store.read_json(paths.artifact_key("metrics.json"))
     except Exception as e:  # everything a job can die of ends as `failed` with a reason
         reason = _short_reason(e)

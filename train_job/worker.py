@@ -26,6 +26,8 @@ from kd.config import DistillConfig
 from kd.exports import write_json
 from kd.state import load_state_dict, state_dict
 from kd.train import Event, Run, setup, train
+from train_job import stream
+from train_job.ingest import summary as corpus_summary
 from train_job.registry_client import RegistryClient
 
 STATE_FILE = "state.pt"
@@ -91,6 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trust_remote_code=bool(loop_config.get("trust_remote_code", False)),
         wrap_model=ray.train.torch.prepare_model,
         kept_layers=state["kept_layers"] if state else None,
+        **stream.worker_data(loop_config, cfg, rank, world),  # {} on data_pipeline='local'
     )
     history: list[dict] = list(state.get("history", [])) if state else []
     before: dict = {}
@@ -147,6 +150,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "blocks_seen_by_rank": blocks_by_rank,
             "resumed_from_step": resumed_from if state else None,
         }
+        if loop_config.get("corpus"):  # the corpus cache (data_pipeline='ray_data')
+            extra["ingest"] = corpus_summary(loop_config["corpus"])
         if loop_config.get("shape_search"):  # the driver's Ray Tune search that chose the shape
             extra["shape_search"] = loop_config["shape_search"]
         with paths.storage.staged(paths.artifacts_key) as out:
