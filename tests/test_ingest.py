@@ -235,17 +235,17 @@ def test_training_on_the_stream_resumes_exactly(tmp_path, tokenizer, tiny_teache
 def test_ray_data_ingest_equals_pack_and_rank_datasets_stream_in_order(
     ray_cluster, tmp_path, tokenizer, tiny_teacher, corpus, monkeypatch
 ):
-    monkeypatch.setattr(ing, "TEXT_BLOCK_BYTES", 300)  # blocks span map batches
+    monkeypatch.setattr(ing, "TEXT_BLOCK_BYTES", 2000)  # blocks span map batches
     cfg = tiny_cfg(tiny_teacher, corpus, num_workers=2, max_steps=8, data_pipeline="ray_data")
     storage = Storage(tmp_path)
-    c = ing.ingest(cfg, storage, tokenizer, num_cpus=2, shard_blocks=5)
+    c = ing.ingest(cfg, storage, tokenizer, num_cpus=2, shard_blocks=16)
     train_ref, eval_ref = build_datasets(cfg, tokenizer)
     m = c["manifest"]
     _assert_same_blocks(ing.read_side(storage, c["key"], m, "train"), train_ref)
     _assert_same_blocks(ing.read_side(storage, c["key"], m, "eval"), eval_ref)
     blocks = sum(len(ing._text_blocks(p)) for p in _train_and_eval_pieces(cfg))
     assert c["tokenizer_calls"] == blocks > 4  # one call per text block, on 2 actors
-    again = ing.ingest(cfg, storage, tokenizer, num_cpus=2, shard_blocks=5)
+    again = ing.ingest(cfg, storage, tokenizer, num_cpus=2, shard_blocks=16)
     assert again["reused"] and again["tokenizer_calls"] == 0
     kwargs = stream.trainer_datasets(cfg, storage.root, c)
     for rank in range(2):
