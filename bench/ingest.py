@@ -87,7 +87,9 @@ def _rss_loop(config: dict) -> None:
     for _ in range(n):
         pull()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ray.train.report({"peak_rss_mb": rss_mb, "batches": n, "s": time.perf_counter() - t0})
+    out = {"peak_rss_mb": rss_mb, "batches": n, "s": time.perf_counter() - t0}
+    Path(config["result"]).write_text(json.dumps(out))  # Train V2 keeps no metrics-only report
+    ray.train.report(out)
 
 
 def worker_rss(cfg, root: str, corpus: dict | None, batches: int) -> dict:
@@ -96,19 +98,22 @@ def worker_rss(cfg, root: str, corpus: dict | None, batches: int) -> dict:
 
     from train_job.stream import trainer_datasets
 
+    result = tempfile.mktemp(prefix="bench-ingest-rss-", suffix=".json")
     trainer = TorchTrainer(
         _rss_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "storage": root,
             "corpus": corpus,
+            "result": result,
             "batches": batches,
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-ingest-ray-")),
         **trainer_datasets(cfg, root, corpus),
     )
-    return trainer.fit().metrics
+    trainer.fit()
+    return json.loads(Path(result).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     from kd.models import local_folder
     from train_job import ingest, stream
 
-    ray.init(num_cpus=3, log_to_driver=False)  # 2 tokenizer actors + the driver's share
+    for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s raylet wait
+        try:
+            ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:
+            print(f"ray.init failed ({e}); retrying", file=sys.stderr, flush=True)
+            ray.shutdown()
+            if attempt == 2:
+                raise
     tok = AutoTokenizer.from_pretrained(local_folder("embedded:smollm2-135m"))
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     rows = []

@@ -278,7 +278,7 @@ def _ray_tokenize(blocks: list[pa.Table], tokenizer, num_cpus: int):
         fn_constructor_kwargs={"tokenizer": tokenizer},
         batch_size=None,  # one input block, one call
         batch_format="pyarrow",
-        concurrency=max(1, min(num_cpus, len(blocks))),
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(num_cpus, len(blocks)))),
         num_cpus=1,
     )
     ds.context.execution_options.preserve_order = True  # the stream's order is the result
