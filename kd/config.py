@@ -257,6 +257,12 @@ class DistillConfig(BaseModel):
     max_eval_blocks: int = Field(
         16, ge=1, le=100_000, description="Held-out blocks used per evaluation."
     )
+    data_pipeline: Literal["local", "ray_data"] = Field(
+        "local",
+        description="Ray jobs only: 'local' packs the corpus in every worker; 'ray_data' "
+        "tokenizes once with Ray Data, caches the blocks as shards under corpus/<key>/ of "
+        "the storage root (reused by later jobs) and streams each worker its share.",
+    )
 
     # ---- optimisation -------------------------------------------------------------
     max_steps: int = Field(25, ge=1, le=10_000_000, description="Optimizer steps.")
@@ -570,6 +576,12 @@ class DistillConfig(BaseModel):
             problems.append(
                 "teacher_signal: the cache covers the corpus's packed blocks, not generated "
                 "(lmbda, seq_kd) or prompt_column batches; set teacher_signal=live"
+            )
+        if self.teacher_signal == "cache" and self.data_pipeline == "ray_data":
+            problems.append(
+                "teacher_signal: the cache is read beside data_pipeline='local' blocks; the "
+                "streamed ray_data corpus does not carry it yet. Use data_pipeline=local "
+                "with teacher_signal=cache, or teacher_signal=live"
             )
         if self.teacher_signal == "cache" and not self.needs_teacher:
             problems.append(

@@ -117,13 +117,17 @@ def setup(
     kept_layers: list[int] | None = None,
     log_fn: Callable[[str], None] = log.info,
     signal: teacher_signal.TeacherSignal | None = None,
+    data: tuple[Packed, Packed] | None = None,
+    sampler: BlockSampler | None = None,
 ) -> Run:
     """Load models and data and build the optimizer for one worker.
 
     wrap_model: applied to the student's DistillForward (Ray passes prepare_model for
     DDP). kept_layers: the derived student's layers from a checkpoint. signal: the
     stored teacher signal of the training blocks (teacher_signal=cache builds it here
-    when none is given).
+    when none is given). data, sampler: (train, held-out) blocks and their order when
+    the caller built them (the Ray job's streamed corpus, train_job.stream); by default
+    build_datasets and BlockSampler.
     """
     device = torch.device(device)
     seed_everything(cfg.seed)
@@ -132,7 +136,7 @@ def setup(
         cfg.teacher_model, trust_remote_code=trust_remote_code, attn_implementation=attn_impl
     )
     teacher.eval().requires_grad_(False)
-    train_data, eval_data = build_datasets(cfg, tok)
+    train_data, eval_data = data if data is not None else build_datasets(cfg, tok)
     student, _, kept, selection = build_student(
         cfg,
         teacher,
@@ -155,7 +159,8 @@ def setup(
         student_fwd=student_fwd,
         train_data=train_data,
         eval_data=eval_data,
-        sampler=BlockSampler(len(train_data), cfg.per_device_batch_size, cfg.seed, rank, world),
+        sampler=sampler
+        or BlockSampler(len(train_data), cfg.per_device_batch_size, cfg.seed, rank, world),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg),
         scaler=make_scaler(cfg, device),

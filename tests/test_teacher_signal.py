@@ -23,6 +23,13 @@ from tests.conftest import WORDS, tiny_cfg
 # ---------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------
+def test_the_cache_and_the_streamed_corpus_are_not_combined_yet():
+    with pytest.raises(ValueError, match="teacher_signal: the cache is read beside"):
+        DistillConfig(teacher_signal="cache", data_pipeline="ray_data")
+    # auto falls back to the live teacher there (train_job.teacher_cache.prepare)
+    assert DistillConfig(teacher_signal="auto", data_pipeline="ray_data").teacher_signal == "auto"
+
+
 def test_config_defaults_and_refusals():
     cfg = DistillConfig()
     assert (cfg.teacher_signal, cfg.teacher_cache_mode, cfg.teacher_topk) == ("live", "exact", 64)

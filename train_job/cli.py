@@ -99,10 +99,12 @@ def build_trainer(
     preflight_plan: dict | None = None,
     shape_search: dict | None = None,
     teacher_cache: dict | None = None,
+    corpus: dict | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from train_job.stream import trainer_datasets
     from train_job.worker import train_loop_per_worker
 
     storage_path, storage_fs = paths.storage.ray_storage(RAY_KEY)
@@ -117,7 +119,9 @@ def build_trainer(
             "preflight": preflight_plan,  # rank 0 stores it in before.json
             "shape_search": shape_search,  # rank 0 puts it in metrics and the report
             "teacher_cache": teacher_cache,  # train_job.teacher_cache.prepare
+            "corpus": corpus,  # the corpus cache on data_pipeline='ray_data'
         },
+        **trainer_datasets(cfg, paths.root, corpus),  # {} on data_pipeline='local'
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kd.model_files import ModelFilesError
     from kd.preflight import PreflightError, cluster_check
+    from train_job.ingest import prepare as prepare_corpus
     from train_job.registry_client import RegistryClient
     from train_job.shape_search import resolve_budget
 
@@ -188,7 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg)
         cfg, search = resolve_budget(cfg, paths, registry, args.trust_remote_code)
         cache = prepare_teacher_cache(cfg, paths, args.trust_remote_code)
-        build_trainer(cfg, paths, registry.spec, args.trust_remote_code, plan, search, cache).fit()
+        corpus = prepare_corpus(cfg, store, args.trust_remote_code)  # data_pipeline='ray_data'
+        trainer = build_trainer(
+            cfg,
+            paths,
+            registry.spec,
+            args.trust_remote_code,
+            plan,
+            shape_search=search,
+            teacher_cache=cache,
+            corpus=corpus,
+        )
+        trainer.fit()
         result = job_result(paths)
         if result is None:
             raise RuntimeError(f"training ended without {paths.artifact_key('metrics.json')}")

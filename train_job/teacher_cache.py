@@ -252,8 +252,8 @@ def prepare(
     """What the job's workers read: {"key", "built", "teacher_forwards", ...} or None
     when this job runs the live teacher (teacher_signal=live, or auto with no cache and
     a single epoch)."""
-    if cfg.teacher_signal == "live":
-        return None
+    if cfg.teacher_signal == "live" or cfg.data_pipeline == "ray_data":
+        return None  # the streamed corpus carries no signal yet (config refuses 'cache')
     key, fp = cache_key(cfg, corpus_key or blocks_key(blocks))
     manifest_key = f"{PREFIX}/{key}/{MANIFEST}"
     if storage.is_file(manifest_key):

@@ -27,7 +27,8 @@ from kd.exports import write_json
 from kd.state import load as load_state
 from kd.state import load_state_dict, save, state_dict
 from kd.train import Event, Run, setup, train
-from train_job import teacher_cache
+from train_job import stream, teacher_cache
+from train_job.ingest import summary as corpus_summary
 from train_job.registry_client import RegistryClient
 
 
@@ -84,6 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         wrap_model=ray.train.torch.prepare_model,
         kept_layers=state["kept_layers"] if state else None,
         signal=signal,
+        **stream.worker_data(loop_config, cfg, rank, world),  # {} on data_pipeline='local'
     )
     history: list[dict] = list(state.get("history", [])) if state else []
     before: dict = {}
@@ -145,6 +147,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "teacher_forwards": forwards,
             "teacher_cache": cache,
         }
+        if loop_config.get("corpus"):  # the corpus cache (data_pipeline='ray_data')
+            extra["ingest"] = corpus_summary(loop_config["corpus"])
         if loop_config.get("shape_search"):  # the driver's Ray Tune search that chose the shape
             extra["shape_search"] = loop_config["shape_search"]
         with paths.storage.staged(paths.artifacts_key) as out:
