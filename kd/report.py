@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd import models
+from kd import genquality, models
 from kd.data import Packed
 from kd.fmt import fmt
 
@@ -146,7 +146,17 @@ def render_markdown(report: dict) -> str:
                 f"{fmt(e['top1_agreement'])} | {fmt(e['forward_tokens_per_s'])} | "
                 f"{fmt(e['mb'])} |"
             )
+    lines += generation_lines(report.get("generation_quality"))
     return "\n".join(lines) + "\n"
+
+
+def generation_lines(sec: dict | None) -> list[str]:
+    """The generation-quality section (kd.genquality), or the reason it is missing."""
+    if not sec:
+        return []
+    if "skipped" in sec:
+        return ["", "## Generation quality", "", f"Not evaluated: {sec['skipped']}."]
+    return ["", genquality.render_markdown(sec).rstrip("\n")]
 
 
 def model_card(report: dict) -> str:
