@@ -89,7 +89,9 @@ def evaluate_student(args, cfg, student, teacher, tok, eval_data) -> dict:
     gen = GenSettings(args.max_new_tokens, args.gen_temperature, 1.0)
     prompts = genquality.heldout_prompts(cfg, tok, eval_data, n=args.n_prompts, seed=args.seed)
     kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=args.seed, batch_size=8)
+    t0 = time.perf_counter()
     row = genquality.evaluate_model(student, teacher, prompts, gen, **kw)
+    row["genquality_s"] = time.perf_counter() - t0  # what one row costs a job's report
     row.pop("greedy_ids")
     row["heldout_ppl"] = evaluate.perplexity(
         student, eval_data, batch_size=4, max_blocks=args.eval_blocks
