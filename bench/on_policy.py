@@ -138,11 +138,12 @@ def child_trl(args) -> dict:
 
     from kd import models, prompts
     from kd.data import build_datasets
+    from kd.student import derive_student
 
     cfg = make_config(args, args.trl_lmbda)
     teacher, tok = models.load_model_and_tokenizer(cfg.teacher_model)
     teacher.eval().requires_grad_(False)
-    student = models.derive_student(teacher, args.kept)
+    student = derive_student(teacher, args.kept)
     _, eval_data = build_datasets(cfg, tok)
     # The very tokens our rows train on: chat-formatted prompt + response + EOS, cut to
     # max_seq_len on the right (TRL's own collator would cut the prompt off the left).
@@ -228,12 +229,13 @@ def child_reference(args) -> dict:
     """The floor (teacher's own samples) and the ceiling (untrained student)."""
     from kd import models
     from kd.data import build_datasets
+    from kd.student import derive_student
 
     cfg = make_config(args, 0.0)
     teacher, tok = models.load_model_and_tokenizer(cfg.teacher_model)
     teacher.eval()
     _, eval_data = build_datasets(cfg, tok)
-    student = models.derive_student(teacher, args.kept)
+    student = derive_student(teacher, args.kept)
     return {
         "teacher": evaluate_student(args, cfg, teacher, teacher, tok, eval_data),
         "untrained_student": evaluate_student(args, cfg, student, teacher, tok, eval_data),
@@ -262,15 +264,15 @@ def student_layers(args) -> list[int]:
     """The half-depth student's layers by block influence (the default selection; the
     uniform one starts at perplexity ~2.6M on the embedded corpus), chosen once and
     passed to every row so that all start from the same student."""
-    from kd import models
+    from kd import models, student
     from kd.data import build_datasets
 
     teacher, tok = models.load_model_and_tokenizer("embedded:smollm2-135m")
     train_data, _ = build_datasets(make_config(args, 0.0), tok)
     calib = [train_data.batch([i, i + 1]) for i in (0, 2)]
     n = len(models.decoder_layers(teacher))
-    influence = models.block_influence(teacher, calib)
-    return models.select_layers("block_influence", n, n // 2, influence)
+    influence = student.block_influence(teacher, calib)
+    return student.select_layers("block_influence", n, n // 2, influence)
 
 
 def spawn(args, row: str, kept: list[int]) -> dict:
