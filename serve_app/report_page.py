@@ -37,6 +37,7 @@ th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: ta
 .bar > div { height: 100%; background: #555; }
 .muted { color: #777; } .error { border: 1px solid #999; padding: 8px; white-space: pre-wrap; }
 img#curves { width: 1000px; max-width: 100%; border: 1px solid #ddd; }
+table#side-by-side { width: 100%; }
 table#side-by-side td { vertical-align: top; white-space: pre-wrap; width: 25%; }
 """
 
