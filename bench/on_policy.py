@@ -118,12 +118,14 @@ def child_ours(args) -> dict:
     t0 = time.perf_counter()
     train(run, on_event)
     wall = time.perf_counter() - t0
-    rollout = sum(h["rollout_s"] for h in history)
+    # rollout_s / train_s are logged only when the run generates (lmbda > 0): row a has none
+    rollout = sum(h.get("rollout_s", 0.0) for h in history)
+    step_s = sum(h.get("rollout_s", 0.0) + h.get("train_s", 0.0) for h in history)
     out = {
         "steps": len(history),
         "train_wall_s": wall,
         "steps_per_s": len(history) / wall,
-        "rollout_share": rollout / max(sum(h["rollout_s"] + h["train_s"] for h in history), 1e-9),
+        "rollout_share": rollout / step_s if step_s else 0.0,
         "last_loss": history[-1]["loss"],
     }
     out.update(evaluate_student(args, cfg, run.student, run.teacher, run.tokenizer, run.eval_data))
