@@ -89,7 +89,9 @@ def evaluate_student(args, cfg, student, teacher, tok, eval_data) -> dict:
     gen = GenSettings(args.max_new_tokens, args.gen_temperature, 1.0)
     prompts = genquality.heldout_prompts(cfg, tok, eval_data, n=args.n_prompts, seed=args.seed)
     kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=args.seed, batch_size=8)
+    t0 = time.perf_counter()
     row = genquality.evaluate_model(student, teacher, prompts, gen, **kw)
+    row["genquality_s"] = time.perf_counter() - t0  # what one row costs a job's report
     row.pop("greedy_ids")
     row["heldout_ppl"] = evaluate.perplexity(
         student, eval_data, batch_size=4, max_blocks=args.eval_blocks
@@ -116,12 +118,14 @@ def child_ours(args) -> dict:
     t0 = time.perf_counter()
     train(run, on_event)
     wall = time.perf_counter() - t0
-    rollout = sum(h["rollout_s"] for h in history)
+    # rollout_s / train_s are logged only when the run generates (lmbda > 0): row a has none
+    rollout = sum(h.get("rollout_s", 0.0) for h in history)
+    step_s = sum(h.get("rollout_s", 0.0) + h.get("train_s", 0.0) for h in history)
     out = {
         "steps": len(history),
         "train_wall_s": wall,
         "steps_per_s": len(history) / wall,
-        "rollout_share": rollout / max(sum(h["rollout_s"] + h["train_s"] for h in history), 1e-9),
+        "rollout_share": rollout / step_s if step_s else 0.0,
         "last_loss": history[-1]["loss"],
     }
     out.update(evaluate_student(args, cfg, run.student, run.teacher, run.tokenizer, run.eval_data))
@@ -136,11 +140,12 @@ def child_trl(args) -> dict:
 
     from kd import models, prompts
     from kd.data import build_datasets
+    from kd.student import derive_student
 
     cfg = make_config(args, args.trl_lmbda)
     teacher, tok = models.load_model_and_tokenizer(cfg.teacher_model)
     teacher.eval().requires_grad_(False)
-    student = models.derive_student(teacher, args.kept)
+    student = derive_student(teacher, args.kept)
     _, eval_data = build_datasets(cfg, tok)
     # The very tokens our rows train on: chat-formatted prompt + response + EOS, cut to
     # max_seq_len on the right (TRL's own collator would cut the prompt off the left).
@@ -226,12 +231,13 @@ def child_reference(args) -> dict:
     """The floor (teacher's own samples) and the ceiling (untrained student)."""
     from kd import models
     from kd.data import build_datasets
+    from kd.student import derive_student
 
     cfg = make_config(args, 0.0)
     teacher, tok = models.load_model_and_tokenizer(cfg.teacher_model)
     teacher.eval()
     _, eval_data = build_datasets(cfg, tok)
-    student = models.derive_student(teacher, args.kept)
+    student = derive_student(teacher, args.kept)
     return {
         "teacher": evaluate_student(args, cfg, teacher, teacher, tok, eval_data),
         "untrained_student": evaluate_student(args, cfg, student, teacher, tok, eval_data),
@@ -260,15 +266,15 @@ def student_layers(args) -> list[int]:
     """The half-depth student's layers by block influence (the default selection; the
     uniform one starts at perplexity ~2.6M on the embedded corpus), chosen once and
     passed to every row so that all start from the same student."""
-    from kd import models
+    from kd import models, student
     from kd.data import build_datasets
 
     teacher, tok = models.load_model_and_tokenizer("embedded:smollm2-135m")
     train_data, _ = build_datasets(make_config(args, 0.0), tok)
     calib = [train_data.batch([i, i + 1]) for i in (0, 2)]
     n = len(models.decoder_layers(teacher))
-    influence = models.block_influence(teacher, calib)
-    return models.select_layers("block_influence", n, n // 2, influence)
+    influence = student.block_influence(teacher, calib)
+    return student.select_layers("block_influence", n, n // 2, influence)
 
 
 def spawn(args, row: str, kept: list[int]) -> dict:

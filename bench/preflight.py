@@ -80,7 +80,7 @@ def child(case: str, steps: int, eval_blocks: int, threads: int) -> dict:
     plan_s = time.perf_counter() - t0
     import torch
 
-    from kd import evaluate, models
+    from kd import evaluate, models, student
     from kd.train import setup, train
 
     torch.set_num_threads(threads)
@@ -89,7 +89,7 @@ def child(case: str, steps: int, eval_blocks: int, threads: int) -> dict:
     if device.type == "cuda":
         plan = preflight(cfg)
     base = int(torch.cuda.memory_allocated()) if device.type == "cuda" else rss_bytes()
-    keep = models.uniform_layers(30, plan["student"]["layers"])
+    keep = student.uniform_layers(30, plan["student"]["layers"])
     run = setup(cfg, device=device, kept_layers=keep, log_fn=lambda s: None)
     loaded = peak(device, base) if device.type == "cuda" else rss_bytes() - base
     train_start = reset_peak(device) - base

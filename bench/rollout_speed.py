@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from kd import models  # noqa: E402
+from kd import models, student  # noqa: E402
 from kd.prompts import embedded_heldout  # noqa: E402
 from kd.rollout import GenSettings, generate  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> None:
     lm = (
         teacher
         if args.model == "teacher"
-        else models.derive_student(teacher, models.uniform_layers(n, n // 2))
+        else student.derive_student(teacher, student.uniform_layers(n, n // 2))
     )
     lm.eval()
     prompts = embedded_heldout(tok).prompts[: args.batch]

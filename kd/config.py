@@ -375,6 +375,13 @@ class DistillConfig(BaseModel):
         "template when it has one); text_column is then the response, the off-policy "
         "continuation. 'prompt' on the embedded dataset selects its prompt set.",
     )
+    gen_eval_prompts: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description="Held-out prompts (fixed by seed) of the report's generation-quality "
+        "section, for every job; 0 leaves the section out.",
+    )
 
     # ---- adapters and export ------------------------------------------------------
     lora_r: int | None = Field(None, ge=1, le=1024, description="LoRA rank; null: full FT.")

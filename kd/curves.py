@@ -3,7 +3,9 @@
 All three are drawn from the `history` that the loop reports (one dict per logging
 step, see `kd.train.train`), after training, so a resumed job gets the whole run:
 
-    <out>/curves.png       every loss part, and held-out perplexity when eval_every > 0
+    <out>/curves.png       every loss part, and held-out perplexity when eval_every > 0;
+                           runs that generate (lmbda > 0 or seq_kd) get a third panel,
+                           rollout time and training time per step
     <out>/tensorboard/     event files: train/<part>, train/lr, train/tokens_per_s, eval/ppl
     MLflow                 only when MLFLOW_TRACKING_URI is set and mlflow is installed
 
@@ -54,8 +56,25 @@ def series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [float(r["step"]) for r in rows], [float(r[key]) for r in rows]
 
 
+TIMING = ("rollout_s", "train_s")  # seconds per step, logged when the run generates
+
+
+def plot_timing(ax, history: list[dict]) -> None:
+    """Rollout (generation) and training seconds per step, stacked: their sum is the
+    step time, the lower band the rollout share."""
+    xs, rollout = series(history, "rollout_s")
+    _, train = series(history, "train_s")
+    total = [r + t for r, t in zip(rollout, train, strict=True)]
+    ax.fill_between(xs, 0, rollout, color="tab:orange", alpha=0.6, label="rollout_s")
+    ax.fill_between(xs, rollout, total, color="tab:blue", alpha=0.6, label="train_s")
+    ax.set(title="seconds per step", xlabel="step", ylabel="seconds")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper right", fontsize=8)
+
+
 def plot_curves(history: list[dict], path: Path, reference: dict | None = None) -> Path:
-    """Two panels: loss parts over steps (log scale), held-out perplexity over steps.
+    """Two panels: loss parts over steps (log scale), held-out perplexity over steps;
+    a third, rollout and training seconds per step, when the history has them.
 
     `reference` may hold teacher_ppl / student_ppl_before, drawn as dashed lines in the
     perplexity panel so the curve reads against where it started and where it aims.
@@ -64,9 +83,12 @@ def plot_curves(history: list[dict], path: Path, reference: dict | None = None) 
     from matplotlib.figure import Figure
 
     reference = reference or {}
-    fig = Figure(figsize=(10, 4), dpi=100)
+    timed = any(all(k in r for k in TIMING) for r in history)
+    fig = Figure(figsize=(15, 4) if timed else (10, 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax_loss, ax_ppl = fig.subplots(1, 2)
+    ax_loss, ax_ppl, *ax_time = fig.subplots(1, 3 if timed else 2)
+    if timed:
+        plot_timing(ax_time[0], [r for r in history if all(k in r for k in TIMING)])
     for key in loss_parts(history):
         xs, ys = series(history, key)
         ax_loss.plot(

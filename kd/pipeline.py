@@ -11,6 +11,10 @@ produces the same artifact folder:
     <out>/onnx/, int8-dynamic/  logits-only ONNX graphs (fp32, dynamic INT8) + tokenizer
     <out>/curves.png, tensorboard/  training curves (see kd.curves)
     <out>/report.json, report.md, manifest.json
+
+Every report has a generation-quality section (kd.genquality): the teacher and the
+untrained student write before training (kept in before.json like the perplexities),
+the trained student at the end.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import json
 import time
 from pathlib import Path
 
-from kd import curves, evaluate, exports, report
+from kd import curves, evaluate, exports, genquality, report
 from kd.exports import write_json
+from kd.rollout import GenSettings
 from kd.train import Run
 
 BEFORE = "before.json"
@@ -49,6 +54,7 @@ def evaluate_before(run: Run, out: Path, preflight: dict | None = None) -> dict:
     run.student.train(was)
     before["student_selection"] = run.selection
     before["split"] = run.eval_data.split  # how the held-out data was chosen
+    before["generation"] = generation_before(run)
     if preflight is not None:
         before["preflight"] = preflight
     out.mkdir(parents=True, exist_ok=True)
@@ -96,8 +102,76 @@ def finalize(
     metrics.update(extra or {})
     write_json(out / METRICS, metrics)
     curves.write_all(out, history, run.cfg.model_dump(mode="json"), reference=metrics)
-    write_report(run, plain, out, written, metrics, preflight=before.get("preflight"))
+    generation = generation_after(run, before.get("generation"))
+    write_report(
+        run,
+        plain,
+        out,
+        written,
+        metrics,
+        preflight=before.get("preflight"),
+        generation=generation,
+    )
     return metrics
+
+
+# ---------------------------------------------------------------------------------
+# Generation quality (kd.genquality), in every report
+# ---------------------------------------------------------------------------------
+def _gen_prompts(run: Run):
+    cfg = run.cfg
+    return genquality.heldout_prompts(
+        cfg, run.tokenizer, run.eval_data, n=cfg.gen_eval_prompts, seed=cfg.seed
+    )
+
+
+def _gen_row(run: Run, model, prompts) -> dict:
+    tok = run.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with run.autocast:
+        return genquality.evaluate_model(
+            model,
+            run.teacher,
+            prompts,
+            GenSettings.from_config(run.cfg),
+            eos_id=tok.eos_token_id,
+            pad_id=pad,
+            seed=run.cfg.seed,
+            batch_size=8,
+            device=run.device,
+        )
+
+
+def generation_before(run: Run) -> dict:
+    """The teacher's row (the floor) and the untrained student's (the ceiling), or
+    {"skipped": reason}. Kept in before.json, so a resumed job reports the same ones."""
+    if run.cfg.gen_eval_prompts == 0:
+        return {"skipped": "gen_eval_prompts is 0; set it > 0 for this section"}
+    prompts = _gen_prompts(run)
+    if len(prompts) == 0:
+        return {"skipped": "the held-out data has no prompts (no held-out blocks)"}
+    t0 = time.perf_counter()
+    writers = {"teacher": run.teacher, "untrained_student": run.student}
+    rows = {name: _gen_row(run, m, prompts) for name, m in writers.items()}
+    return {"rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def generation_after(run: Run, before: dict | None) -> dict:
+    """report.json's generation-quality section (kd.genquality.section) with the trained
+    student's row added, or {"skipped": reason}."""
+    if run.cfg.gen_eval_prompts == 0:
+        return {"skipped": "gen_eval_prompts is 0; set it > 0 for this section"}
+    if before is None:  # a before.json written before this section existed
+        before = {"rows": {"teacher": _gen_row(run, run.teacher, _gen_prompts(run))}}
+    if "skipped" in before:
+        return before
+    prompts = _gen_prompts(run)
+    t0 = time.perf_counter()
+    rows = {**before["rows"], "student": _gen_row(run, run.student, prompts)}
+    gen = GenSettings.from_config(run.cfg)
+    sec = genquality.section(rows, prompts, run.tokenizer, gen)
+    sec["seconds"] = before.get("seconds", 0.0) + time.perf_counter() - t0
+    return sec
 
 
 def _eval_batches(data, n_blocks: int = 4, batch: int = 2):
@@ -151,9 +225,11 @@ def write_report(
     written: dict[str, Path],
     metrics: dict,
     preflight: dict | None = None,
+    generation: dict | None = None,
 ) -> dict:
     """The exports, report.json, report.md, the model card and manifest.json.
-    preflight: kd.preflight's plan (before.json keeps it for resumed jobs)."""
+    preflight: kd.preflight's plan (before.json keeps it for resumed jobs).
+    generation: the generation-quality section (generation_after)."""
     student_dir = written["safetensors"]
     speed = {}
     for name, model in (("teacher", run.teacher), ("student", plain)):
@@ -185,6 +261,7 @@ def write_report(
         "exports": export_entries,
         "preflight": preflight,
         "shape_search": metrics.get("shape_search"),
+        "generation_quality": generation,
     }
     write_json(out / REPORT, rep)
     (out / "report.md").write_text(report.render_markdown(rep))

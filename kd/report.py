@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd import models
+from kd import genquality, models
 from kd.data import Packed
 from kd.fmt import fmt
 
@@ -243,6 +243,7 @@ def render_markdown(report: dict) -> str:
     ]
     lines += export_lines(report.get("exports") or {})
     lines += shape_search_lines(report.get("shape_search"))
+    lines += generation_lines(report.get("generation_quality"))
     return "\n".join(lines) + "\n"
 
 
@@ -277,6 +278,15 @@ def shape_search_lines(search: dict | None) -> list[str]:
             f"{fmt(row.get('eval_ppl_before'))} | {after} |"
         )
     return lines
+
+
+def generation_lines(sec: dict | None) -> list[str]:
+    """The generation-quality section (kd.genquality), or the reason it is missing."""
+    if not sec:
+        return []
+    if "skipped" in sec:
+        return ["", "## Generation quality", "", f"Not evaluated: {sec['skipped']}."]
+    return ["", genquality.render_markdown(sec).rstrip("\n")]
 
 
 def model_card(report: dict) -> str:

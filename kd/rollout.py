@@ -31,6 +31,7 @@ on every rank (TRL flips a coin per step; the expected share is the same).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -226,6 +227,9 @@ class BatchSource:
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
         self.gen = GenSettings.from_config(cfg)
+        # What this rank generated: a count and a digest of the continuation tokens, so a
+        # job can show that every worker wrote its own samples (train_job gathers them).
+        self.generated, self.digest = 0, hashlib.sha256()
         self.prompts: PromptSet | None = None
         self.sampler: BlockSampler | None = None
         if cfg.prompt_column is not None:
@@ -272,4 +276,6 @@ class BatchSource:
                 device=run.device,
             )
         tokens = int(batch.pop("gen_lengths").sum())
+        self.generated += 1
+        self.digest.update(batch["input_ids"][batch["loss_mask"].bool()].cpu().numpy().tobytes())
         return batch | {"on_policy": on_policy, "rollout_tokens": tokens}

@@ -329,15 +329,19 @@ class _Window:
 # ---------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------
-def train(run: Run, on_event: OnEvent | None = None) -> dict[str, float]:
+def train(
+    run: Run, on_event: OnEvent | None = None, source: rollout.BatchSource | None = None
+) -> dict[str, float]:
     """Train from `run.step` to `cfg.max_steps`. Returns the last logged metrics.
+    source: the batches (default: a new `rollout.BatchSource(run)`); pass one to read
+    what it generated afterwards.
 
     After each step `schedule` says what is due; a step with anything due becomes one
     `Event` handed to `on_event` (which prints, reports, or saves `run`).
     """
     cfg = run.cfg
     weights = LossWeights.from_config(cfg)
-    source = rollout.BatchSource(run)  # data batches, or generated ones (lmbda, seq_kd)
+    source = source or rollout.BatchSource(run)  # data, or generated (lmbda, seq_kd)
     window, last = _Window(), {}
     while run.step < cfg.max_steps:
         window.add(train_step(run, weights, source))

@@ -1,8 +1,10 @@
 """`GET /jobs/{job_id}/report`: one self-contained HTML page per job.
 
 The page shows the job's progress, its training curves (the job's `curves.png`, inlined
-as base64 so the page needs nothing else), the evaluation tables of `report.json` and
-the config. It is plain HTML and CSS, no script, and greyscale apart from the chart.
+as base64 so the page needs nothing else), the evaluation tables of `report.json`, its
+generation quality (the teacher's, untrained and trained student's greedy continuations
+side by side) and the config. It is plain HTML and CSS, no script, and greyscale apart
+from the chart.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: ta
 .bar > div { height: 100%; background: #555; }
 .muted { color: #777; } .error { border: 1px solid #999; padding: 8px; white-space: pre-wrap; }
 img#curves { width: 1000px; max-width: 100%; border: 1px solid #ddd; }
+table#side-by-side { width: 100%; }
+table#side-by-side td { vertical-align: top; white-space: pre-wrap; width: 25%; }
 """
 
 
@@ -163,6 +167,45 @@ def _shape_search(search: dict | None) -> list[str]:
     ]
 
 
+# Rows of kd.genquality's section (not imported: kd.genquality needs torch).
+GEN_LABELS = {
+    "teacher": "teacher (floor)",
+    "untrained_student": "untrained student (ceiling)",
+    "student": "trained student",
+}
+
+
+def _generation(report: dict | None) -> str:
+    """report.json's generation-quality section: the metrics per writer and, side by
+    side, the teacher's, untrained and trained student's greedy continuations."""
+    sec = (report or {}).get("generation_quality")
+    if not sec:
+        return '<p class="muted">The generation quality appears when the job has finished.</p>'
+    if "skipped" in sec:
+        return f'<p class="muted">Not evaluated: {escape(sec["skipped"])}.</p>'
+    intro = (
+        f"<p>{sec['n_prompts']} held-out prompts, up to {sec['max_new_tokens']} new tokens, "
+        f"sampled at temperature {sec['temperature']}, top-p {sec['top_p']}. Teacher NLL and "
+        "reverse KL (writer ‖ teacher) per token of the sampled text: lower means the "
+        "model writes what the teacher would.</p>"
+    )
+    keys = ["teacher_nll", "reverse_kl", "mean_len", "repeat_4gram", "distinct_2"]
+    metrics = _table(
+        ["writer", "teacher NLL", "reverse KL", "mean length", "repeated 4-grams", "distinct-2"],
+        [[GEN_LABELS.get(n, n), *(r.get(k) for k in keys)] for n, r in sec["rows"].items()],
+    )
+    names = [n for n in GEN_LABELS if n in sec["rows"]]
+    head = "".join(f"<th>{escape(h)}</th>" for h in ["prompt", *(GEN_LABELS[n] for n in names)])
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{escape(item.get(k) or '(empty)')}</td>" for k in ["prompt", *names])
+        + "</tr>"
+        for item in sec["side_by_side"]
+    )
+    samples = f'<table id="side-by-side"><tr>{head}</tr>{body}</table>'
+    return f"{intro}{metrics}<h3>Greedy continuations, side by side</h3>{samples}"
+
+
 def render(job: dict, report: dict | None, curves_png: bytes | None) -> str:
     """The whole page for one job record (as the registry holds it)."""
     if curves_png:
@@ -179,6 +222,7 @@ def render(job: dict, report: dict | None, curves_png: bytes | None) -> str:
         f"<h2>Progress</h2>{_progress(job)}"
         f"<h2>Training curves</h2>{chart}"
         f"<h2>Evaluation</h2>{_evaluation(report, job.get('summary'))}"
+        f"<h2>Generation quality</h2>{_generation(report)}"
         f"<h2>Config</h2>{_table(['field', 'value'], [[k, v] for k, v in config.items()])}"
         "</body></html>"
     )

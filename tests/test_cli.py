@@ -242,6 +242,30 @@ def coloured_pixels(png: Path) -> tuple[int, tuple[int, int, int, int] | None]:
     return len(boxes), (min(xs), min(ys), max(xs), max(ys))
 
 
+# Appended to a saved copy of the page: reports what Chromium laid out for the
+# side-by-side table (its box and its rendered text, which skips anything hidden).
+PROBE = """<script>
+const t = document.getElementById('side-by-side'), r = t && t.getBoundingClientRect();
+const p = document.createElement('pre'); p.id = 'probe';
+p.textContent = JSON.stringify(t && {w: r.width, h: r.height, text: t.innerText});
+document.body.appendChild(p);
+</script>"""
+
+
+def laid_out_samples(html: str, tmp: Path) -> dict | None:
+    """Chromium's layout of #side-by-side in this page: {w, h, text} or None."""
+    from html import unescape
+
+    page = tmp / "page.html"
+    page.write_text(html.replace("</body>", PROBE + "</body>"))
+    cmd = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        f"--user-data-dir={tmp / 'probe-profile'}", "--dump-dom", page.as_uri(),
+    ]  # fmt: skip
+    dom = subprocess.run(cmd, check=True, timeout=120, capture_output=True, text=True).stdout
+    return json.loads(unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1)))
+
+
 @pytest.mark.skipif(
     chromium() is None,
     reason="no chromium on PATH: to run this browser test install a headless Chromium, e.g. "
@@ -265,6 +289,19 @@ def test_report_page_renders_the_chart_in_chromium(deployed, followed, cancelled
     assert n > 2000, n  # loss-part lines and the perplexity curve
     left, top, right, bottom = box
     assert right - left > 500 and bottom - top > 150  # spread over both panels
+
+    # Generation quality: the side-by-side greedy continuations are laid out and visible.
+    report = json.loads(
+        (deployed["root"] / "jobs" / job_id / "artifacts" / "report.json").read_text()
+    )
+    shown = report["generation_quality"]["side_by_side"]
+    box = laid_out_samples(html, tmp_path)
+    assert box is not None and box["w"] > 500 and box["h"] > 40, box
+    for item in shown:
+        for key in ("prompt", "teacher", "untrained_student", "student"):
+            words = (item[key] or "(empty)").split()[:3]  # innerText collapses whitespace
+            assert " ".join(words) in " ".join(box["text"].split()), (key, item[key])
+    assert "untrained student (ceiling)" in box["text"] and len(shown) == 3
 
     # The cancelled job's page has no chart (no curves.png): no coloured pixels at all.
     no_chart = f"{deployed['open_url']}/jobs/{cancelled['job_id']}/report"

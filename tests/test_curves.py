@@ -41,6 +41,22 @@ def test_png_has_both_panels_drawn(tmp_path):
         assert min(coloured) < 500 < max(coloured)  # lines in the left and the right panel
 
 
+def test_runs_that_generate_get_a_rollout_and_train_time_panel(tmp_path):
+    """rollout_s / train_s (logged when lmbda > 0 or seq_kd) get a third panel, stacked:
+    the orange band is the rollout, the blue one the training on top of it."""
+    timed = [r | {"rollout_s": 0.3, "train_s": 0.7, "on_policy": 1.0} for r in history(2)]
+    out = curves.plot_curves(timed, tmp_path / "timed.png", {"teacher_ppl": 3.0})
+    img = Image.open(out).convert("RGB")
+    assert img.size == (1500, 400)
+    third = img.crop((1000, 0, 1500, 400)).getdata()
+    orange = sum(1 for r, g, b in third if r > 200 and 130 < g < 210 and b < 150)
+    blue = sum(1 for r, g, b in third if b > 180 and r < 150)
+    assert orange > 5000 and blue > 10000  # train band ~2.3x the rollout band (0.7 vs 0.3)
+    assert "rollout_s" not in curves.loss_parts(timed)
+    # off-policy runs log no timing: two panels, as before
+    assert Image.open(curves.plot_curves(history(2), tmp_path / "off.png")).size == (1000, 400)
+
+
 def test_tensorboard_events_written(tmp_path):
     folder = curves.write_tensorboard(history(2), tmp_path / "tb")
     (events,) = list(folder.glob("events.out.tfevents.*"))

@@ -115,3 +115,76 @@ def test_heldout_prompts_from_blocks_and_embedded(tiny_teacher, corpus, tokenize
     assert 0 < len(ps) <= 32 and all(0 < len(p) <= 8 for p in ps.prompts)
     emb = gq.heldout_prompts(cfg.model_copy(update={"dataset": "embedded"}), tokenizer, held)
     assert len(emb) == 32 and "<|im_start|>user" in tokenizer.decode(emb.prompts[0])
+
+
+# ---------------------------------------------------------------------------------
+# In every report: the pipeline, report.json, report.md and the HTML page
+# ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_teacher, corpus):
+    """An off-policy run through kd.pipeline (what `python -m kd` and rank 0 call)."""
+    from kd import pipeline
+    from kd.train import setup, train
+
+    out = tmp_path_factory.mktemp("gq-run")
+    cfg = tiny_cfg(
+        tiny_teacher, corpus, max_steps=2, warmup_steps=1, gen_eval_prompts=4, max_new_tokens=6
+    )
+    run = setup(cfg)
+    before = pipeline.evaluate_before(run, out)
+    train(run)
+    metrics = pipeline.finalize(run, out, before, [], 1.0, 0.0)
+    return out, before, metrics
+
+
+def test_every_report_has_the_generation_section(finished, tokenizer):
+    import json
+
+    out, before, _ = finished
+    stored = json.loads((out / "before.json").read_text())["generation"]
+    assert set(stored["rows"]) == {"teacher", "untrained_student"}  # before training
+    sec = json.loads((out / "report.json").read_text())["generation_quality"]
+    assert sec["n_prompts"] == 4 and sec["max_new_tokens"] == 6
+    assert set(sec["rows"]) == set(gq.ROWS)
+    assert sec["rows"]["teacher"]["reverse_kl"] == pytest.approx(0.0, abs=1e-5)  # the floor
+    for name in ("teacher", "untrained_student"):  # kept from before.json, not recomputed
+        assert sec["rows"][name]["teacher_nll"] == pytest.approx(
+            stored["rows"][name]["teacher_nll"], abs=1e-5
+        )
+        want = tokenizer.decode(stored["rows"][name]["greedy_ids"][0], skip_special_tokens=True)
+        assert sec["side_by_side"][0][name] == want.strip()
+    assert len(sec["side_by_side"]) == 3 and all(gq.ROWS[2] in s for s in sec["side_by_side"])
+    md = (out / "report.md").read_text()
+    assert "## Generation quality" in md and "### Prompt 3" in md
+    assert "| teacher (floor) |" in md and "| untrained student (ceiling) |" in md
+    assert "**trained student** (greedy):" in md
+
+
+def test_gen_eval_prompts_zero_says_why_the_section_is_missing(tiny_teacher, corpus):
+    from kd import pipeline, report
+    from kd.train import setup
+
+    run = setup(tiny_cfg(tiny_teacher, corpus, gen_eval_prompts=0))
+    sec = pipeline.generation_after(run, pipeline.generation_before(run))
+    assert sec == {"skipped": "gen_eval_prompts is 0; set it > 0 for this section"}
+    lines = report.generation_lines(sec)
+    assert lines[1] == "## Generation quality" and "gen_eval_prompts is 0" in lines[-1]
+
+
+def test_report_page_shows_the_side_by_side_samples(finished):
+    import json
+    from html import escape
+
+    from serve_app.report_page import render
+
+    out = finished[0]
+    rep = json.loads((out / "report.json").read_text())
+    job = {"job_id": "kd-gq", "state": "succeeded", "created_at": 0.0, "config": rep["config"]}
+    html = render(job, rep, None)
+    assert '<table id="side-by-side">' in html and "<h2>Generation quality</h2>" in html
+    for item in rep["generation_quality"]["side_by_side"]:
+        for name in ("prompt", *gq.ROWS):
+            assert escape(item[name] or "(empty)") in html
+    assert "untrained student (ceiling)" in html and "reverse KL" in html
+    skipped = rep | {"generation_quality": {"skipped": "gen_eval_prompts is 0"}}
+    assert "Not evaluated: gen_eval_prompts is 0." in render(job, skipped, None)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.paths import RAY_KEY, JobPaths
-from kd import pipeline
+from kd import pipeline, rollout
 from kd.config import DistillConfig
 from kd.exports import write_json
 from kd.state import load as load_state
@@ -132,17 +132,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "earlier checkpoints are kept"
             ) from None
 
+    source = rollout.BatchSource(run)
     t_train = time.perf_counter()
-    train(run, on_event)
+    train(run, on_event, source)
     train_s = time.perf_counter() - t_train
-    blocks_by_rank = _gather(run.sampler.served)  # collective: every rank calls it
+    blocks_by_rank = _gather(run.sampler.served)  # collectives: every rank calls them
     # this job's teacher forwards: the cache build's plus every rank's live ones
     forwards = (cache or {}).get("teacher_forwards", 0) + sum(_gather(run.teacher_forwards))
+    # each rank's rollouts (count, digest of the continuations): every worker writes its own
+    rollouts_by_rank = _gather([source.generated, source.digest.hexdigest()[:16]])
     if rank == 0:
         registry.update(paths.job_id, state="exporting", step=run.step)
         extra = {
             "world_size": world,
             "blocks_seen_by_rank": blocks_by_rank,
+            "rollouts_by_rank": rollouts_by_rank if cfg.generates else None,
             "resumed_from_step": resumed_from if state else None,
             "teacher_forwards": forwards,
             "teacher_cache": cache,
