@@ -80,7 +80,7 @@ def child(case: str, steps: int, eval_blocks: int, threads: int) -> dict:
     plan_s = time.perf_counter() - t0
     import torch
 
-    from kd import evaluate, models, student
+    from kd import evaluate, student
     from kd.train import setup, train
 
     torch.set_num_threads(threads)
