@@ -285,7 +285,7 @@ def test_ray_data_job_resumes_at_the_same_block_and_reuses_the_corpus(
         c = cfg.model_copy(update={"max_steps": max_steps})
         paths = JobPaths(str(tmp_path), job_id)
         corpus_ = ing.prepare(c, storage)
-        build_trainer(c, paths, None, False, None, None, corpus_).fit()
+        build_trainer(c, paths, None, False, corpus=corpus_).fit()
         return storage.read_json(paths.artifact_key("metrics.json"))
 
     a4 = run("kd-ingest-a", 4)

@@ -96,6 +96,7 @@ def build_trainer(
     paths: JobPaths,
     registry: str | None,
     trust: bool,
+    *,  # the optional inputs by name: several are dicts, easy to pass in the wrong slot
     preflight_plan: dict | None = None,
     shape_search: dict | None = None,
     teacher_cache: dict | None = None,
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             paths,
             registry.spec,
             args.trust_remote_code,
-            plan,
+            preflight_plan=plan,
             shape_search=search,
             teacher_cache=cache,
             corpus=corpus,
