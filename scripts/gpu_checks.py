@@ -48,30 +48,15 @@ class Skip(Exception):
 
 
 def tiny_teacher(folder: Path) -> Path:
-    """A 4-layer, 64-wide Llama with the SmolLM2 tokenizer (from the shipped GGUF)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The suite's tiny teacher (tests/conftest.py): a 4-layer, 64-wide Llama with the
+    SmolLM2 tokenizer from the shipped GGUF, so the GPU checks run the tested model."""
+    from transformers import AutoTokenizer
 
     from kd.models import local_folder
+    from tests.conftest import make_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(local_folder("embedded:smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return make_tiny_llama(folder, tok)
 
 
 def job(args: argparse.Namespace, **kw) -> DistillConfig:
