@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,18 @@ def ray_cluster():
     yield {"dashboard": f"http://127.0.0.1:{dash}", "http": f"http://127.0.0.1:{http}"}
     serve.shutdown()
     ray.shutdown()
+
+
+def train_job_command(cfg_file: Path, job_id: str, root, **env_extra: str):
+    """(argv, env) of `python -m train_job` as a driver on the session's Ray (what `ray
+    job submit` runs), importing this checkout; env_extra adds variables."""
+    import ray
+
+    env = os.environ | {
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        **env_extra,
+    }
+    cmd = [sys.executable, "-m", "train_job", "--config", str(cfg_file)]
+    return cmd + ["--job-id", job_id, "--storage", str(root)], env

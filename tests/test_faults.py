@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from jobs.states import TERMINAL
 from kd.state import FILE as CKPT_FILE
 from kd.state import load as load_checkpoint
+from tests.conftest import train_job_command
 
 pytestmark = pytest.mark.service
 MEASURED: dict[str, object] = {}
@@ -215,7 +215,6 @@ def _make_storage_fail(root: Path, run_dir: Path, ckpt_bytes: int) -> str:
 def test_storage_write_fails_job_fails_with_reason_checkpoint_intact(
     ray_cluster, fsvc, tmp_path, tiny_teacher, corpus
 ):
-    import ray
 
     ckpt_bytes = int(MEASURED.get("ckpt_bytes") or 40 * 2**20)
     root = tmp_path / "storage"
@@ -226,13 +225,7 @@ def test_storage_write_fails_job_fails_with_reason_checkpoint_intact(
     cfg = fsvc["cfg"] | {"save_every": 2, "max_steps": 12}
     cfg_file = tmp_path / "job.json"
     cfg_file.write_text(json.dumps(cfg))
-    env = os.environ | {
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "PYTHONPATH": os.pathsep.join(sys.path),
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    }
-    cmd = [sys.executable, "-m", "train_job", "--config", str(cfg_file)]
-    cmd += ["--job-id", job_id, "--storage", str(root)]
+    cmd, env = train_job_command(cfg_file, job_id, root)
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if mode == "read-only":

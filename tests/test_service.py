@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from jobs.states import TERMINAL
-from tests.conftest import tiny_job_body
+from tests.conftest import tiny_job_body, train_job_command
 
 pytestmark = pytest.mark.service
 
@@ -316,20 +315,17 @@ def test_a_job_started_outside_the_service_registers_itself(ray_cluster, svc, tm
     registry under the name in LLM2SLM_NAMESPACE / LLM2SLM_REGISTRY_NAME, registers and
     reports, and GET /jobs lists it with its state, progress and artifacts. A cancel is
     refused with the reason: this driver is not a Ray job submission."""
-    import ray
 
     c, job_id = svc["client"], f"by-hand-{uuid.uuid4().hex[:8]}"
     cfg_file = tmp_path / "job.json"
     cfg_file.write_text(json.dumps(svc["cfg"] | {"max_steps": 3}))
-    env = os.environ | {
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "PYTHONPATH": os.pathsep.join(sys.path),
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-        "LLM2SLM_NAMESPACE": svc["settings"]["namespace"],
-        "LLM2SLM_REGISTRY_NAME": svc["settings"]["registry_name"],
-    }
-    cmd = [sys.executable, "-m", "train_job", "--config", str(cfg_file)]
-    cmd += ["--job-id", job_id, "--storage", str(svc["root"])]
+    cmd, env = train_job_command(
+        cfg_file,
+        job_id,
+        svc["root"],
+        LLM2SLM_NAMESPACE=svc["settings"]["namespace"],
+        LLM2SLM_REGISTRY_NAME=svc["settings"]["registry_name"],
+    )
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 180

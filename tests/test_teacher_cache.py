@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from jobs.storage import Storage
 from kd import models
 from kd.config import DistillConfig
 from kd.teacher_signal import build_in_process
+from tests.conftest import train_job_command
 from train_job import teacher_cache
 
 
@@ -25,13 +23,7 @@ def _train_job(root: Path, body: dict, job_id: str) -> dict:
     """`python -m train_job` on the session's Ray; returns the job's metrics.json."""
     cfg_file = root / f"{job_id}.json"
     cfg_file.write_text(json.dumps(body))
-    env = os.environ | {
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "PYTHONPATH": os.pathsep.join(sys.path),
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    }
-    cmd = [sys.executable, "-m", "train_job", "--config", str(cfg_file)]
-    cmd += ["--job-id", job_id, "--storage", str(root)]
+    cmd, env = train_job_command(cfg_file, job_id, root)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return json.loads((root / "jobs" / job_id / "artifacts" / "metrics.json").read_text())
