@@ -187,7 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModelFilesError:  # preflight() below names the unreadable source
         plan = None
-    registry.update_sync(job_id, state="running", started_at=time.time())
+    record = registry.update_sync(job_id, state="running", started_at=time.time())
+    if record is not None and record.get("state") == "cancelled":
+        # Cancelled before this driver got here. Ray's stop signals the entrypoint's
+        # shell and the children it has at that moment: a stop in the first instant of
+        # a job, before the shell has started Python, leaves this process running with
+        # nothing left to stop it. So the driver itself gives up here.
+        print(f"job {job_id} was cancelled before training started: exiting", flush=True)
+        return 0
     print(f"job {job_id}: training {cfg.num_workers} worker(s), storage {paths.root}", flush=True)
     t0 = time.time()
     try:

@@ -82,11 +82,14 @@ class RegistryClient:
         except Exception as e:  # the registry being down must not fail training
             log.warning("registry update failed: %s", e)
 
-    def update_sync(self, job_id: str, timeout: float = 30.0, **fields) -> None:
-        """For terminal states: wait until the registry has stored them."""
+    def update_sync(self, job_id: str, timeout: float = 30.0, **fields) -> dict | None:
+        """For state changes: wait until the registry has stored them. Returns the job's
+        record as the registry holds it after the update (None without a registry, or
+        when it cannot be reached): a refused change shows as the state it kept."""
         if self.handle is None:
-            return
+            return None
         try:
-            ray.get(self.handle.update.remote(job_id, fields), timeout=timeout)
+            return ray.get(self.handle.update.remote(job_id, fields), timeout=timeout)
         except Exception as e:
             log.warning("registry update (%s) failed: %s", fields.get("state"), e)
+            return None
