@@ -58,6 +58,7 @@ def deployed(ray_cluster, tmp_path_factory, tiny_teacher, corpus):
         "url": ray_cluster["http"] + "/cli",
         "open_url": ray_cluster["http"] + "/cli-open",
         "root": root,
+        "settings": settings,
     }
     serve.delete("cli")
     serve.delete("cli-open")
@@ -161,7 +162,8 @@ def cancelled(deployed, tiny_teacher, corpus):
     rc, out, err = cli(
         *auth, "distill", "--teacher", str(tiny_teacher), "--dataset", str(corpus),
         "--max-steps", "100000", "max_seq_len=32", "student_layers=2", "save_every=0",
-        "export_formats=safetensors",
+        "export_formats=safetensors", "gen_eval_prompts=4", "max_new_tokens=8",
+        "max_eval_blocks=2",
     )  # fmt: skip
     assert rc == 0, err
     job_id = re.search(r"submitted (kd-[0-9a-f]+)", out).group(1)
@@ -174,12 +176,27 @@ def cancelled(deployed, tiny_teacher, corpus):
     return {"job_id": job_id, "first": first, "again": again}
 
 
-def test_cancel(cancelled):
+def test_cancel(deployed, cancelled):
+    """`llm2slm cancel` stops the Ray job itself, and a second cancel is refused."""
+    from ray.job_submission import JobStatus
+
+    from llm2slm.client import Llm2SlmClient
+    from serve_app.launcher import JobLauncher
+    from serve_app.settings import Settings
+
     job_id = cancelled["job_id"]
     rc, out, _ = cancelled["first"]
     assert rc == 0 and f"{job_id} cancelled" in out
     rc, _, err = cancelled["again"]
     assert rc == 1 and "409" in err and "already cancelled" in err
+    launcher = JobLauncher(Settings(**deployed["settings"]))
+    deadline = time.time() + 60
+    while launcher.status(job_id)[0] not in (JobStatus.STOPPED.value, JobStatus.FAILED.value):
+        assert time.time() < deadline, launcher.status(job_id)
+        time.sleep(0.5)
+    time.sleep(2)  # a late report from the dying job must not flip the state back
+    with Llm2SlmClient(deployed["url"], TOKEN) as c:
+        assert c.status(job_id).state == "cancelled"
 
 
 def _prometheus(url: str) -> str:

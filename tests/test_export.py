@@ -40,6 +40,8 @@ def bundle(tmp_path_factory, tiny_teacher):
         max_eval_blocks=4,
         student_layers=2,
         lr=3e-3,
+        gen_eval_prompts=4,  # the report's generation section; the defaults cost ~16 s
+        max_new_tokens=8,
         # every kind of writer: ONNX graphs, a GGUF file, a GenAI model folder
         export_formats=["onnx-fp32", "int8-dynamic", "gguf-q8_0", "ort-genai-int4"],
     )

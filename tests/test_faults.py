@@ -1,6 +1,6 @@
 """Faults, each injected for real into the running service on the session's Ray.
 
-A worker killed mid-job is tests/test_service.py::test_worker_killed_resumes_from_checkpoint.
+A worker killed mid-job is tests/test_service.py::test_registry_then_worker_killed_keeps_state_and_resumes.
 Here: the job driver killed (then the registry actor killed while the job is failed,
 then the job resubmitted under its id), a cancel racing a checkpoint write, a Serve
 replica killed, and a storage write that fails.

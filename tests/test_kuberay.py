@@ -8,6 +8,7 @@ core objects against the Kubernetes schemas that kubernetes-validate ships.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import re
 import tomllib
@@ -59,8 +60,16 @@ def _strict(schema: dict) -> dict:
     return schema
 
 
+@functools.cache
+def _crd(kind: str) -> dict:
+    # libyaml's loader when PyYAML has it: the CRDs are 1-1.4 MB of YAML each, which
+    # the pure-Python loader takes seconds to read
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load((CRDS / f"ray.io_{KUBERAY_KINDS[kind]}.yaml").read_text(), Loader=loader)
+
+
 def crd_schema(kind: str) -> dict:
-    crd = yaml.safe_load((CRDS / f"ray.io_{KUBERAY_KINDS[kind]}.yaml").read_text())
+    crd = _crd(kind)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is not in the CRD

@@ -42,6 +42,7 @@ def test_concurrent_posts_and_polls_lose_nothing(ray_cluster, tmp_path_factory, 
     url = ray_cluster["http"] + "/load"
     body = dict(teacher_model=str(tiny_teacher), max_seq_len=32, per_device_batch_size=2)
     body |= dict(max_eval_blocks=2, export_formats=["safetensors"])
+    body |= dict(gen_eval_prompts=4, max_new_tokens=8)  # the defaults cost ~16 s a job
     try:
         t0 = time.time()
         result = asyncio.run(bench.with_training_job(url, body, posts=20, polls=100))

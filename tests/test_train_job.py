@@ -45,28 +45,3 @@ def test_short_reason_finds_the_root_cause():
             raise RuntimeError("training failed") from e
     except RuntimeError as outer:
         assert _short_reason(outer) == "DataError: dataset path 'x' does not exist"
-
-
-def test_on_policy_job_with_two_workers(ray_cluster, tiny_job, tmp_path):
-    """lmbda=1 as a Ray Train job with 2 workers: every step's batch is written by the
-    student, each rank writes its own (different continuations), and the report has the
-    rollout timing and the generation-quality section."""
-    import json
-
-    from train_job.cli import build_trainer
-
-    body = tiny_job(
-        num_workers=2, lmbda=1.0, max_steps=3, save_every=0, prompt_tokens=8,
-        max_new_tokens=8, gen_eval_prompts=2, lm_ce=0.0,
-    )  # fmt: skip
-    paths = JobPaths(tmp_path, "kd-onpolicy-2w")
-    build_trainer(DistillConfig.model_validate(body), paths, None, False).fit()
-    metrics = json.loads((paths.artifacts / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    (n0, digest0), (n1, digest1) = metrics["rollouts_by_rank"]
-    assert n0 == n1 == 3  # one generated micro-batch per step on each rank
-    assert digest0 != digest1  # each worker generated its own batch
-    last = metrics["history"][-1]
-    assert last["on_policy"] == 1.0 and last["rollout_s"] > 0 and last["train_s"] > 0
-    rep = json.loads((paths.artifacts / "report.json").read_text())
-    assert set(rep["generation_quality"]["rows"]) == {"teacher", "untrained_student", "student"}
