@@ -2,8 +2,12 @@
 loads neither torch nor Ray: the HTTP API and the client use the job spec from here.
 
 Modules:
-    config    the job spec `DistillConfig`; LOSS_TERMS, OBJECTIVES, LAYER_SELECTIONS,
-              MODEL_DATA_FIELDS and config_changes (what a resume may change) (no torch)
+    config    the job spec `DistillConfig` and config_changes (what a resume may change)
+              (no torch)
+    spec      the spec's names and string forms: LOSS_TERMS, OBJECTIVES,
+              LAYER_SELECTIONS, EXPORT_FORMATS, MODEL_DATA_FIELDS, '60M', 'teacher:...'
+              (pure Python; also importable from kd.config)
+    config_checks  the cross-field rules DistillConfig validates with (no torch)
     fmt       one number format for progress lines, report.md and the HTML page (no torch)
     sources   reading corpora (embedded, local files and folders, HF datasets) as documents
     data      packing into blocks, the held-out split of whole documents, the sampler
