@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd.config import OBJECTIVES
+from kd.spec import OBJECTIVES
 
 
 # ---------------------------------------------------------------------------------

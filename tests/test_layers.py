@@ -71,7 +71,7 @@ def test_kd_config_is_torch_free():
 
 def test_preflight_is_torch_free():
     """The API runs kd.preflight before queueing: it reads files, never torch or Ray."""
-    own = ("kd.config", "kd.preflight", "kd.model_files", "kd.memory_plan", "kd.names")
+    own = ("kd.config", "kd.spec", "kd.preflight", "kd.model_files", "kd.memory_plan", "kd.names")
     for name in ("kd/preflight.py", "kd/model_files.py", "kd/memory_plan.py", "kd/names.py"):
         mods = imported_modules(ROOT / name)
         assert not [m for m in mods if m.split(".")[0] in ("torch", "ray", "transformers")], name
