@@ -25,6 +25,9 @@ Modules:
     teacher_signal  a stored teacher signal (exact hidden state or top-k) in place of
               the teacher forward
     optim     AdamW and the learning-rate schedule
+    run       `Run`: what one worker holds during training, and its precision
+    step      one optimizer step: micro-batches weighted by token counts over the ranks,
+              clip and AdamW step (fp16 loss scaling), the window of logged metrics
     train     setup() -> Run, the loop, its schedule and the events it emits
     rollout   on-policy batches: prompts -> generated continuations with a loss mask (GKD)
     prompts   prompt sets: packed-block prefixes, a prompt column, the embedded prompts

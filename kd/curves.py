@@ -37,7 +37,7 @@ NOT_LOSS = {
     "rollout_s",
     "train_s",
     "on_policy",
-    "loss_scale",  # fp16 loss scaling (kd.train._clip_and_step): the scale and the
+    "loss_scale",  # fp16 loss scaling (kd.step._clip_and_step): the scale and the
     "fp16_skipped",  # share of steps skipped for overflow
 }
 # Loss parts in a stable order (the total first, then kd.spec.LOSS_TERMS' keys); any
