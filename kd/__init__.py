@@ -22,6 +22,7 @@ Modules:
     shapes    exact parameter counts and candidate student shapes under a budget (no torch)
     losses    the hybrid KD loss: a sum of vocabulary, hidden-state and attention terms
     vocab     the chunked, closed-form-gradient vocabulary terms (fused LM head or logits)
+    vocab_chunk  one chunk of them: D, CE(argmax teacher), CE(data) and dL/ds
     teacher_signal  a stored teacher signal (exact hidden state or top-k) in place of
               the teacher forward
     optim     AdamW and the learning-rate schedule
