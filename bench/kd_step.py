@@ -127,7 +127,7 @@ def ours_step(teacher_fwd, student_fwd, opt, batch, weights, lazy: bool):
     loss, _ = hybrid_loss(
         s_logits, t_logits, mask, weights, student_hidden=s_hidden, teacher_hidden=t_hidden
     )
-    del s_logits, t_logits  # as kd.train does: not alive during backward
+    del s_logits, t_logits  # as kd.step does: not alive during backward
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

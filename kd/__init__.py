@@ -2,8 +2,12 @@
 loads neither torch nor Ray: the HTTP API and the client use the job spec from here.
 
 Modules:
-    config    the job spec `DistillConfig`; LOSS_TERMS, OBJECTIVES, LAYER_SELECTIONS,
-              MODEL_DATA_FIELDS and config_changes (what a resume may change) (no torch)
+    config    the job spec `DistillConfig` and config_changes (what a resume may change)
+              (no torch)
+    spec      the spec's names and string forms: LOSS_TERMS, OBJECTIVES,
+              LAYER_SELECTIONS, EXPORT_FORMATS, MODEL_DATA_FIELDS, '60M', 'teacher:...'
+              (pure Python; also importable from kd.config)
+    config_checks  the cross-field rules DistillConfig validates with (no torch)
     fmt       one number format for progress lines, report.md and the HTML page (no torch)
     sources   reading corpora (embedded, local files and folders, HF datasets) as documents
     data      packing into blocks, the held-out split of whole documents, the sampler
@@ -18,9 +22,13 @@ Modules:
     shapes    exact parameter counts and candidate student shapes under a budget (no torch)
     losses    the hybrid KD loss: a sum of vocabulary, hidden-state and attention terms
     vocab     the chunked, closed-form-gradient vocabulary terms (fused LM head or logits)
+    vocab_chunk  one chunk of them: D, CE(argmax teacher), CE(data) and dL/ds
     teacher_signal  a stored teacher signal (exact hidden state or top-k) in place of
               the teacher forward
     optim     AdamW and the learning-rate schedule
+    run       `Run`: what one worker holds during training, and its precision
+    step      one optimizer step: micro-batches weighted by token counts over the ranks,
+              clip and AdamW step (fp16 loss scaling), the window of logged metrics
     train     setup() -> Run, the loop, its schedule and the events it emits
     rollout   on-policy batches: prompts -> generated continuations with a loss mask (GKD)
     prompts   prompt sets: packed-block prefixes, a prompt column, the embedded prompts

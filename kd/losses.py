@@ -8,7 +8,7 @@ with (α, β, γ, δ, ε, λ) = (alpha_kl, beta_ce, gamma_mse, delta_cos, epsilo
 `DistillConfig` fields, also the fields of `LossWeights`. `hybrid_loss` is the sum of three
 small functions: `vocabulary_terms` (α, β, λ), `hidden_state_terms` (γ, δ) and
 `attention_term` (ε). Each term's unweighted value is reported under its key in
-`kd.config.LOSS_TERMS` (alpha_kl -> "kd", beta_ce -> "ce", ..., lm_ce -> "lm").
+`kd.spec.LOSS_TERMS` (alpha_kl -> "kd", beta_ce -> "ce", ..., lm_ce -> "lm").
 
 Conventions shared by every term:
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.config import LOSS_TERMS, OBJECTIVES
+from kd.spec import LOSS_TERMS, OBJECTIVES
 from kd.vocab import (  # re-exported: the loss API lives in kd.losses
     FusedLMHead,
     _upcast,

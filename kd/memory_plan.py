@@ -34,7 +34,7 @@ from kd.model_files import Arch
 
 FP32 = 4
 GIB = 1024**3
-# [chunk, V] fp32 tensors alive at once inside kd.vocab._chunk_terms (forward KL with the
+# [chunk, V] fp32 tensors alive at once inside kd.vocab_chunk._chunk_terms (forward KL with the
 # data CE: s, g, t_logp, s_logp, p_t); reverse KL and JSD keep a couple more.
 CHUNK_BUFFERS = {"forward_kl": 5, "reverse_kl": 6, "jsd": 8}
 # [B, L, V] fp32 tensors alive at the peak of kd.evaluate.compare.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from kd.config import EMBEDDED_DATASET, EMBEDDED_TEACHER
+from kd.spec import EMBEDDED_DATASET, EMBEDDED_TEACHER
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from kd import curves, evaluate, exports, genquality, report
 from kd.exports import write_json
 from kd.rollout import GenSettings
-from kd.train import Run
+from kd.run import Run
 
 BEFORE = "before.json"
 METRICS = "metrics.json"

@@ -19,7 +19,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass, replace
 
-from kd.config import parse_params  # noqa: F401  (re-exported: shapes are given as '60M')
+from kd.spec import parse_params  # noqa: F401  (re-exported: shapes are given as '60M')
 
 
 @dataclass(frozen=True)

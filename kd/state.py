@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kd.optim import apply_config_lr
-from kd.train import Run, unwrap
+from kd.run import Run, unwrap
 
 FILE = "state.safetensors"  # a checkpoint folder holds this file (and distill_config.json)
 LEGACY_FILE = "state.pt"  # pickled checkpoints of older versions: refused

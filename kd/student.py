@@ -3,7 +3,7 @@ some of its decoder layers.
 
 `build_student` is what `kd.train.setup` calls. A derived student keeps `student_layers`
 (default: half) of the teacher's layers, chosen by `layer_selection`: every strategy in
-`kd.config.LAYER_SELECTIONS` is measured on held-out blocks and logged first, so the
+`kd.spec.LAYER_SELECTIONS` is measured on held-out blocks and logged first, so the
 choice is visible in metrics.json (`student_selection`).
 """
 

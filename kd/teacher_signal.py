@@ -37,9 +37,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from kd import losses
-from kd.config import LOSS_TERMS
 from kd.data import Packed
 from kd.losses import FusedLMHead, LossWeights, target_mask
+from kd.spec import LOSS_TERMS
 
 SIGNAL_KEY = "teacher_signal"
 CACHE_DTYPE = torch.float16  # exact mode's hidden states (see the module docstring)

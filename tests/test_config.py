@@ -156,8 +156,9 @@ def test_kd_does_not_import_ray():
     import sys
 
     code = (
-        "import sys, kd, kd.config, kd.losses, kd.models, kd.data, kd.train, kd.evaluate, "
-        "kd.exports, kd.report, kd.pipeline, kd.cli, kd.student, kd.state, kd.optim\n"
+        "import sys, kd, kd.config, kd.spec, kd.config_checks, kd.losses, kd.models, kd.data, "
+        "kd.train, kd.evaluate, kd.exports, kd.report, kd.pipeline, kd.cli, kd.student, "
+        "kd.state, kd.optim, kd.run, kd.step\n"
         "assert 'ray' not in sys.modules, 'kd imported ray'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -282,7 +282,7 @@ def test_a_signal_for_other_blocks_is_refused(tiny_teacher, corpus):
 
 
 def test_topk_micro_batches_add_up_to_the_whole_batch():
-    """With `norm` (kd.train's global token counts) the top-k loss of two micro-batches,
+    """With `norm` (kd.step's global token counts) the top-k loss of two micro-batches,
     one with a padded tail, sums to the loss of one call on both: no token weighs more
     for being in a short micro-batch."""
     g = torch.Generator().manual_seed(7)

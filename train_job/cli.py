@@ -8,7 +8,7 @@ the same --job-id resumes from the last checkpoint under <storage>/ray/<job-id>.
 --storage and --config may be s3:// URIs (see jobs.storage for the S3 settings).
 Exit code 0 on success, 1 when the job failed (the reason is printed and recorded),
 2 for an invalid config, job id or storage root (unreachable S3 endpoint, no bucket),
-or a resume whose model- or data-defining fields changed (kd.config.MODEL_DATA_FIELDS).
+or a resume whose model- or data-defining fields changed (kd.spec.MODEL_DATA_FIELDS).
 """
 
 from __future__ import annotations

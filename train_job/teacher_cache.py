@@ -40,8 +40,8 @@ import torch
 from jobs.storage import Storage
 from kd.config import DistillConfig
 from kd.data import Packed
+from kd.run import resolve_precision
 from kd.teacher_signal import TeacherSignal, compute_signal
-from kd.train import resolve_precision
 
 FORMAT = "llm2slm.teacher_signal/1"
 PREFIX = "teacher_signal"

@@ -15,7 +15,7 @@ Modules:
     parity       logits parity, perplexity and agreement of an artifact vs the PyTorch student
     precision    save_dtype: the teacher's own precision, and the cast of the saved student
 
-The names are kd.config.EXPORT_FORMATS (what DistillConfig.export_formats accepts).
+The names are kd.spec.EXPORT_FORMATS (what DistillConfig.export_formats accepts).
 
 A format is one `write(req) -> path` function listed in WRITERS; formats are written
 in the order given, and a later one may reuse an earlier one's folder (`req.written`).

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd.config import GGUF_TYPES
 from kd.exports.common import ExportError, ExportRequest, Writer
 from kd.exports.parity import BlockLogits, artifact_row, parity, reference_logits, torch_logits
+from kd.spec import GGUF_TYPES
 
 log = logging.getLogger(__name__)
 
