@@ -224,7 +224,7 @@ def pack(docs: list[str], tokenizer, block_len: int, pad_id: int | None = None) 
     return Packed(ids, mask)
 
 
-# A derived student calibrates its layer selection (kd.train.build_student) on two
+# A derived student calibrates its layer selection (kd.student.build_student) on two
 # batches, blocks 0-1 and 2-3: with fewer than 3 blocks the second one is empty.
 MIN_BLOCKS_DERIVED = 3
 
