@@ -10,4 +10,7 @@ Modules:
     registry_client  progress updates to the job registry actor, when there is one
     shape_search     candidate student shapes under a parameter budget as Ray Tune trials
     teacher_cache    the teacher signal cache: built by a Ray Data actor pool, reused by key
+    ingest           data_pipeline='ray_data': the corpus tokenized and packed once by Ray
+                     Data into Parquet shards under a key of everything that shapes them
+    stream           each rank's training blocks streamed from those shards, resumable
 """
