@@ -70,24 +70,29 @@ def _resume_problem(args: argparse.Namespace, cfg: DistillConfig) -> str | None:
     return None
 
 
+def _config_and_plan(args: argparse.Namespace) -> tuple:
+    """(config, preflight plan, None), or (None, None, why the run is refused)."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except Exception as e:  # pydantic lists every problem with its field
+        return None, None, f"invalid config: {e}"
+    problem = _resume_problem(args, cfg)
+    if problem:
+        return None, None, f"invalid config: {problem}"
+    try:  # tokenizers and memory, from config files only, before anything is loaded
+        return cfg, preflight(cfg), None
+    except (PreflightError, ModelFilesError) as e:
+        return None, None, f"preflight refused the job: {e}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except Exception as e:  # pydantic lists every problem with its field
-        print(f"invalid config: {e}", file=sys.stderr)
-        return 2
-    problem = _resume_problem(args, cfg)
-    if problem:
-        print(f"invalid config: {problem}", file=sys.stderr)
-        return 2
-    try:  # tokenizers and memory, from config files only, before anything is loaded
-        plan = preflight(cfg)
-    except (PreflightError, ModelFilesError) as e:
-        print(f"preflight refused the job: {e}", file=sys.stderr)
+    cfg, plan, refusal = _config_and_plan(args)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     print(preflight_summary(plan))
     out = Path(args.out)

@@ -57,6 +57,16 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------
+def _load_teacher(cfg: DistillConfig, trust_remote_code: bool):
+    """The frozen teacher and its tokenizer; eager attention when a loss term reads the
+    attention maps (SDPA does not return them)."""
+    attn_impl = "eager" if cfg.needs_attention else None
+    teacher, tok = models.load_model_and_tokenizer(
+        cfg.teacher_model, trust_remote_code=trust_remote_code, attn_implementation=attn_impl
+    )
+    return teacher.eval().requires_grad_(False), tok
+
+
 def setup(
     cfg: DistillConfig,
     *,
@@ -73,20 +83,15 @@ def setup(
 ) -> Run:
     """Load models and data and build the optimizer for one worker.
 
-    wrap_model: applied to the student's DistillForward (Ray passes prepare_model for
-    DDP). kept_layers: the derived student's layers from a checkpoint. signal: the
-    stored teacher signal of the training blocks (teacher_signal=cache builds it here
-    when none is given). data, sampler: (train, held-out) blocks and their order when
-    the caller built them (the Ray job's streamed corpus, train_job.stream); by default
-    build_datasets and BlockSampler.
+    wrap_model: applied to the student's DistillForward (Ray's prepare_model for DDP).
+    kept_layers: the derived student's layers from a checkpoint. signal: the stored
+    teacher signal of the training blocks (teacher_signal=cache builds it when None).
+    data, sampler: (train, held-out) blocks and their order when the caller built them
+    (the Ray job's streamed corpus, train_job.stream); default build_datasets, BlockSampler.
     """
     device = torch.device(device)
     seed_everything(cfg.seed)
-    attn_impl = "eager" if cfg.needs_attention else None
-    teacher, tok = models.load_model_and_tokenizer(
-        cfg.teacher_model, trust_remote_code=trust_remote_code, attn_implementation=attn_impl
-    )
-    teacher.eval().requires_grad_(False)
+    teacher, tok = _load_teacher(cfg, trust_remote_code)
     train_data, eval_data = data if data is not None else build_datasets(cfg, tok)
     student, _, kept, selection = build_student(
         cfg,
@@ -98,8 +103,7 @@ def setup(
         kept_layers=kept_layers,
         log_fn=log_fn,
     )
-    student, student_fwd = _prepare_student(cfg, teacher, student, device, wrap_model)
-    optimizer = make_optimizer([p for p in student_fwd.parameters() if p.requires_grad], cfg)
+    student, student_fwd, optimizer = _prepare_student(cfg, teacher, student, device, wrap_model)
     run = Run(
         cfg=cfg,
         device=device,
@@ -131,8 +135,9 @@ def _prepare_student(
     student: nn.Module,
     device: torch.device,
     wrap_model: Callable[[nn.Module], nn.Module] | None,
-) -> tuple[nn.Module, nn.Module]:
-    """(student on device, its DistillForward with the hidden projection, maybe DDP)."""
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """(student on device, its DistillForward with the hidden projection, maybe DDP, and
+    the optimizer over what trains: LoRA adapters or all weights, and the projection)."""
     if cfg.needs_attention:
         models.set_eager_attention(student)
     torch.manual_seed(cfg.seed)  # LoRA / projection init identical on every rank
@@ -144,7 +149,8 @@ def _prepare_student(
     student_fwd: nn.Module = models.DistillForward(student, projection).to(device)
     if wrap_model is not None:
         student_fwd = wrap_model(student_fwd)
-    return student, student_fwd
+    optimizer = make_optimizer([p for p in student_fwd.parameters() if p.requires_grad], cfg)
+    return student, student_fwd, optimizer
 
 
 # ---------------------------------------------------------------------------------

@@ -98,3 +98,15 @@ def test_serve_app_and_jobs_use_only_the_torch_free_part_of_kd():
         for f in sorted((ROOT / package).rglob("*.py")):
             kd_mods = [m for m in imported_modules(f) if m == "kd" or m.startswith("kd.")]
             assert all(_hits(m, allowed) for m in kd_mods), (str(f.relative_to(ROOT)), kd_mods)
+
+
+def test_no_kd_function_is_over_60_lines():
+    """#15: small functions in kd/ (a declarative config class is not a function)."""
+    long = []
+    for path in sorted((ROOT / "kd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, "split these functions: " + ", ".join(long)
