@@ -69,12 +69,19 @@ def submit(svc, **overrides) -> str:
     return r.json()["job_id"]
 
 
+# The module's one job that trains to the end (a job start costs ~35 s of Ray Train
+# processes here): 2 workers, on-policy (lmbda=1), so it carries the multi-worker and
+# the rollout facts as well as the API's.
+ON_POLICY_2_WORKERS = dict(num_workers=2, lmbda=1.0, prompt_tokens=8, max_new_tokens=8,
+                           gen_eval_prompts=2, lm_ce=0.0)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def finished_job(svc):
     """A tiny job run to completion through the API, with its timings."""
     c = svc["client"]
     t0 = time.time()
-    job_id = submit(svc)
+    job_id = submit(svc, **ON_POLICY_2_WORKERS)
     post_s = time.time() - t0
     first = wait_for(c, job_id, lambda s: (s.get("step") or 0) >= 1 or s["state"] in TERMINAL)
     first_step_s = time.time() - t0
@@ -235,21 +242,17 @@ def test_bearer_token_enforced(ray_cluster, svc):
     serve.delete("secured")
 
 
-def test_two_workers_both_train_on_policy(svc):
-    """lmbda=1 with 2 workers through the API (one job for both facts; a job start costs
-    ~35 s here): both ranks train on their own blocks, every step's batch is written by
-    the student, each rank generates its own continuations, and the report has the
-    rollout timing and the generation-quality section."""
-    body = dict(num_workers=2, max_steps=4, lmbda=1.0, prompt_tokens=8, max_new_tokens=8)
-    job_id = submit(svc, **body, gen_eval_prompts=2, lm_ce=0.0)
-    st = wait_for(svc["client"], job_id, lambda s: s["state"] in TERMINAL)
-    assert st["state"] == "succeeded", st
-    artifacts = svc["root"] / "jobs" / job_id / "artifacts"
+def test_two_workers_both_train_on_policy(svc, finished_job):
+    """lmbda=1 with 2 workers through the API: both ranks train on their own blocks,
+    every step's batch is written by the student, each rank generates its own
+    continuations, and the report has the rollout timing and the generation section."""
+    assert finished_job["status"]["state"] == "succeeded"
+    artifacts = svc["root"] / "jobs" / finished_job["job_id"] / "artifacts"
     metrics = json.loads((artifacts / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 4
-    assert metrics["blocks_seen_by_rank"] == [16, 16]  # 4 steps x 4 blocks on each rank
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6
+    assert metrics["blocks_seen_by_rank"] == [24, 24]  # 6 steps x 4 blocks on each rank
     (n0, digest0), (n1, digest1) = metrics["rollouts_by_rank"]
-    assert n0 == n1 == 4  # one generated micro-batch per step on each rank
+    assert n0 == n1 == 6  # one generated micro-batch per step on each rank
     assert digest0 != digest1  # each worker generated its own batch
     last = metrics["history"][-1]
     assert last["on_policy"] == 1.0 and last["rollout_s"] > 0 and last["train_s"] > 0
