@@ -44,12 +44,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(local_folder("embedded:smollm2-135m"))
     work = Path(tempfile.mkdtemp(prefix="llm2slm-overhead-"))
     teacher = c.make_tiny_llama(work / "teacher", tok)
-    corpus = work / "docs.jsonl"
-    rows = []
-    for i in range(120):  # the suite's `corpus` fixture
-        words = [c.WORDS[(i * 3 + j * (i % 5 + 1)) % len(c.WORDS)] for j in range(30 + i % 20)]
-        rows.append(json.dumps({"id": i, "text": " ".join(words) + "."}))
-    corpus.write_text("\n".join(rows) + "\n")
+    corpus = c.write_tiny_corpus(work / "docs.jsonl")  # the suite's `corpus` fixture
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     cfg = work / "job.json"
     cfg.write_text(json.dumps(c.tiny_job_body(teacher, corpus, max_steps=args.steps)))

@@ -113,16 +113,20 @@ def small_llama(tmp_path_factory, tokenizer) -> Path:
 WORDS = "the cat sat on a mat while two dogs ran past one red house near old trees".split()
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """Repetitive documents: a model can learn them in a few steps."""
-    out = tmp_path_factory.mktemp("data") / "docs.jsonl"
+def write_tiny_corpus(out: Path) -> Path:
+    """120 repetitive documents as JSONL: a model can learn them in a few steps."""
     rows = []
     for i in range(120):
         words = [WORDS[(i * 3 + j * (i % 5 + 1)) % len(WORDS)] for j in range(30 + i % 20)]
         rows.append(json.dumps({"id": i, "text": " ".join(words) + "."}))
     out.write_text("\n".join(rows) + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Repetitive documents: a model can learn them in a few steps."""
+    return write_tiny_corpus(tmp_path_factory.mktemp("data") / "docs.jsonl")
 
 
 # The body of a seconds-long job on the tiny models: every test that runs a job starts
