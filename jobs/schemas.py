@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from jobs.caches import CacheKind
 from jobs.states import JobState
 
 
@@ -49,6 +50,41 @@ class Artifact(BaseModel):
 class ArtifactList(BaseModel):
     job_id: str
     artifacts: list[Artifact]
+
+
+class CacheUse(BaseModel):
+    job_id: str
+    built: bool  # this job built the cache (the others read it)
+    time: float
+
+
+class CacheInfo(BaseModel):
+    """One cache on the service's storage (jobs.caches.describe)."""
+
+    kind: CacheKind
+    key: str
+    complete: bool  # False: being built now, or a build that died (delete it)
+    teacher: str | None = None  # teacher_signal caches
+    corpus: str | None = None  # the dataset (corpus) or the corpus key (teacher_signal)
+    mode: str | None = None  # teacher_signal: 'exact' or 'topk'
+    tokens: int | None = None
+    bytes: int  # size on storage
+    files: int
+    created_at: float | None = None
+    jobs: list[CacheUse]  # every job that used it, oldest first
+    in_use_by: list[str] = []  # active jobs reading it: DELETE answers 409
+    building_by: list[str] = []  # the active job building it
+
+
+class CacheList(BaseModel):
+    caches: list[CacheInfo]
+    total_bytes: int
+
+
+class CacheDeleted(BaseModel):
+    kind: CacheKind
+    key: str
+    bytes_freed: int
 
 
 class Health(BaseModel):

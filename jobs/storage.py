@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -182,6 +182,16 @@ class Storage:
                 source_filesystem=self.fs,
                 destination_filesystem=pafs.LocalFileSystem(),
             )
+
+    def delete_tree(self, key: str) -> None:
+        """Remove everything under `key` (nothing to remove is not an error)."""
+        if not key.strip("/"):
+            raise StorageError("refusing to delete the whole storage root")
+        if self.is_local:
+            shutil.rmtree(self.local_path(key), ignore_errors=True)
+            return
+        with suppress(FileNotFoundError):
+            self.fs.delete_dir(self.fs_path(key))
 
     @contextmanager
     def staged(self, key: str) -> Iterator[Path]:

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("job")
     rp.add_argument("-o", "--out", default=None, help="file (default: <job>-report.html)")
 
+    ca = add("caches", help="list corpus and teacher-signal caches; or delete one")
+    ca.add_argument("action", nargs="?", choices=["list", "delete"], default="list")
+    ca.add_argument("cache", nargs="?", help="delete: KIND/KEY as the list shows it")
+
     sv = add("serve", help="start a local Ray and the llm2slm API")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
@@ -230,6 +234,35 @@ def cmd_report(args, client: Llm2SlmClient, console: Console) -> int:
     return 0
 
 
+def cmd_caches(args, client: Llm2SlmClient, console: Console) -> int:
+    if args.action == "delete":
+        kind, _, key = (args.cache or "").partition("/")
+        if not key:
+            raise ServiceError("caches delete needs KIND/KEY, e.g. teacher_signal/<key>", 400)
+        gone = client.delete_cache(kind, key)
+        console.print(f"deleted {kind}/{key}: {gone.bytes_freed:,} bytes freed", highlight=False)
+        return 0
+    found = client.caches()
+    if args.json:
+        _dump(console, found)
+        return 0
+    table = Table("cache", "teacher / corpus", "tokens", "bytes", "jobs", "state",
+                  title=f"{len(found.caches)} cache(s), {found.total_bytes:,} bytes")  # fmt: skip
+    for c in found.caches:
+        state = "complete" if c.complete else "incomplete"
+        state = "building" if c.building_by else "in use" if c.in_use_by else state
+        table.add_row(
+            f"{c.kind}/{c.key}",
+            " / ".join(x for x in (c.teacher, c.corpus) if x),
+            f"{c.tokens:,}" if c.tokens is not None else "",
+            f"{c.bytes:,}",
+            ", ".join(j.job_id for j in c.jobs),
+            state,
+        )
+    console.print(table)
+    return 0
+
+
 def cmd_serve(args, client: Llm2SlmClient | None, console: Console) -> int:
     return local.serve(args)
 
@@ -242,6 +275,7 @@ COMMANDS = {
     "download": cmd_download,
     "cancel": cmd_cancel,
     "report": cmd_report,
+    "caches": cmd_caches,
     "serve": cmd_serve,
 }
 

@@ -23,7 +23,15 @@ from typing import Any
 
 import httpx
 
-from jobs.schemas import ArtifactList, Health, JobPage, JobPublic, SubmitResponse
+from jobs.schemas import (
+    ArtifactList,
+    CacheDeleted,
+    CacheList,
+    Health,
+    JobPage,
+    JobPublic,
+    SubmitResponse,
+)
 from jobs.states import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -160,6 +168,15 @@ class Llm2SlmClient:
 
     def artifacts(self, job_id: str) -> ArtifactList:
         return ArtifactList.model_validate(self._request("GET", f"/artifacts/{job_id}").json())
+
+    def caches(self) -> CacheList:
+        """GET /caches: the corpus and teacher-signal caches on the service's storage."""
+        return CacheList.model_validate(self._request("GET", "/caches").json())
+
+    def delete_cache(self, kind: str, key: str) -> CacheDeleted:
+        """DELETE /caches/{kind}/{key}; a ServiceError (409) while a job uses it."""
+        r = self._request("DELETE", f"/caches/{kind}/{key}")
+        return CacheDeleted.model_validate(r.json())
 
     def report_html(self, job_id: str) -> str:
         return self._request("GET", f"/jobs/{job_id}/report").text

@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 
+from jobs import caches
 from jobs.paths import REGISTRY_STATE_KEY, JobPaths
 from jobs.results import job_error, job_result
 from jobs.states import ACTIVE, RESUBMITTABLE, TERMINAL, can_transition
@@ -48,11 +49,18 @@ JOB_FIELDS = {
 }
 
 
+class CacheInUse(ValueError):
+    """DELETE of a cache that an active job reads or builds (the API answers 409). One
+    message argument only: Ray rebuilds the exception in the caller from its args."""
+
+
 class JobRegistry:
     def __init__(self, settings: dict[str, Any]):
         self.settings = Settings(**settings)
         self.storage = Storage(self.settings.storage_root)
         self.jobs: dict[str, dict[str, Any]] = {}
+        # '<kind>/<key>' -> the job building that cache now (jobs.caches)
+        self.cache_builds: dict[str, str] = {}
         self._loop: asyncio.Task | None = None
         self._tick_lock: asyncio.Lock | None = None
         self.launcher = JobLauncher(self.settings)
@@ -65,11 +73,13 @@ class JobRegistry:
         if self.storage.is_file(REGISTRY_STATE_KEY):
             data = json.loads(self.storage.read_bytes(REGISTRY_STATE_KEY))
             self.jobs = {j["job_id"]: j for j in data.get("jobs", [])}
+            self.cache_builds = data.get("cache_builds", {})
             where = self.storage.uri(REGISTRY_STATE_KEY)
             log.info("registry reloaded %d jobs from %s", len(self.jobs), where)
 
     def _save(self) -> None:
-        data = json.dumps({"jobs": list(self.jobs.values())}, default=str)
+        state = {"jobs": list(self.jobs.values()), "cache_builds": self.cache_builds}
+        data = json.dumps(state, default=str)
         self.storage.write_bytes(REGISTRY_STATE_KEY, data.encode())
         self.metrics.observe(self.jobs.values())
 
@@ -225,6 +235,69 @@ class JobRegistry:
         if held:
             await self._stop(job, ray_job_id)
         return job
+
+    # ---- caches (jobs.caches): one builder per missing cache; no delete while in use --
+    # None of these awaits: each runs whole, so a claim, a use and a delete never
+    # interleave (the actor runs one coroutine step at a time).
+    def _active(self, job_id: str | None) -> bool:
+        job = self.jobs.get(job_id) if job_id else None
+        return job is not None and job["state"] in ACTIVE
+
+    async def use_cache(self, cache: str, job_id: str) -> None:
+        """Job `job_id` reads (or is about to build) `cache`: it is in use while the job
+        is active. Called before the job looks for the cache's manifest, so a delete
+        either comes first (the job then builds it) or is refused."""
+        job = self.jobs.get(job_id)
+        if job is not None and cache not in job.setdefault("caches", []):
+            job["caches"].append(cache)
+            self._save()
+
+    async def claim_cache_build(self, cache: str, job_id: str) -> str | None:
+        """None: `job_id` now builds `cache` (the build lease is its). Otherwise the id of
+        the active job that holds the lease: wait for its manifest, then claim again.
+        A lease held by a job that is no longer active (it died) passes on."""
+        holder = self.cache_builds.get(cache)
+        if holder not in (None, job_id) and self._active(holder):
+            return holder
+        self.cache_builds[cache] = job_id
+        self._save()
+        return None
+
+    async def release_cache_build(self, cache: str, job_id: str) -> None:
+        if self.cache_builds.get(cache) == job_id:
+            del self.cache_builds[cache]
+            self._save()
+
+    async def caches_in_use(self) -> dict[str, dict[str, list[str]]]:
+        """'<kind>/<key>' -> {"in_use_by": active jobs using it, "building_by": [...]}."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for job in self.jobs.values():
+            if job["state"] in ACTIVE:
+                for cache in job.get("caches", []):
+                    entry = out.setdefault(cache, {"in_use_by": [], "building_by": []})
+                    entry["in_use_by"].append(job["job_id"])
+        for cache, holder in self.cache_builds.items():
+            if self._active(holder):
+                out.setdefault(cache, {"in_use_by": [], "building_by": []})
+                out[cache]["building_by"].append(holder)
+        return out
+
+    async def delete_cache(self, kind: str, key: str) -> int | None:
+        """Delete cache (kind, key); the bytes freed, or None when there is none.
+
+        Raises CacheInUse naming the active jobs that use or build it. The check and the
+        delete run with no await between them: no job can start using it in between."""
+        cache = caches.cache_id(kind, key)
+        users = (await self.caches_in_use()).get(cache)
+        if users:
+            jobs = ", ".join(sorted(set(users["in_use_by"] + users["building_by"])))
+            raise CacheInUse(
+                f"cache {cache} is in use by active job(s) {jobs}: delete it after they "
+                "end (or cancel them first)"
+            )
+        if caches.describe(self.storage, kind, key) is None:
+            return None
+        return caches.delete(self.storage, kind, key)
 
     # ---- scheduling and reconciliation ------------------------------------------
     @staticmethod

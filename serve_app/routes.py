@@ -8,11 +8,22 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 
+from jobs import caches
 from jobs.paths import new_job_id, valid_job_id
 from jobs.resume import resume_refused
-from jobs.schemas import ArtifactList, Health, JobPage, JobPublic, SubmitResponse
+from jobs.schemas import (
+    ArtifactList,
+    CacheDeleted,
+    CacheInfo,
+    CacheList,
+    Health,
+    JobPage,
+    JobPublic,
+    SubmitResponse,
+)
 from jobs.spec import DistillConfig
 from jobs.states import TERMINAL, JobState
+from jobs.storage import Storage
 from serve_app.downloads import artifact_response
 from serve_app.openapi import problems
 from serve_app.preflight import http_problems
@@ -148,3 +159,35 @@ async def download(job_id: str, path: str, request: Request, svc: Svc) -> Respon
     await job_or_404(svc, job_id)
     paths = job_paths(svc.settings, job_id)
     return await artifact_response(paths, path, request.headers.get("range"))
+
+
+@router.get("/caches", response_model=CacheList, tags=["caches"])
+async def list_caches(svc: Svc) -> CacheList:
+    """The corpus and teacher-signal caches on the service's storage: what each holds,
+    its size, the jobs that used it, and the active jobs that use it now."""
+    found = await asyncio.to_thread(caches.list_caches, Storage(svc.settings.storage_root))
+    in_use = await svc.registry.caches_in_use.remote()
+    out = [CacheInfo(**c, **in_use.get(caches.cache_id(c["kind"], c["key"]), {})) for c in found]
+    return CacheList(caches=out, total_bytes=sum(c.bytes for c in out))
+
+
+@router.delete(
+    "/caches/{kind}/{key}",
+    response_model=CacheDeleted,
+    tags=["caches"],
+    responses=problems(404, 409),
+)
+async def delete_cache(kind: str, key: str, svc: Svc) -> CacheDeleted:
+    """Delete a cache to reclaim its space; refused (409) while an active job uses it.
+    A later job that needs it builds it again."""
+    try:
+        caches.check_name(kind, key)
+    except caches.CacheNameError as e:
+        raise HTTPException(404, detail=f"no cache {kind[:40]}/{key[:40]}: {e}") from None
+    try:
+        freed = await svc.registry.delete_cache.remote(kind, key)
+    except ValueError as e:  # registry.CacheInUse
+        raise HTTPException(409, detail=str(getattr(e, "cause", None) or e)) from None
+    if freed is None:
+        raise HTTPException(404, detail=f"no cache {kind}/{key}")
+    return CacheDeleted(kind=kind, key=key, bytes_freed=freed)

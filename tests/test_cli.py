@@ -138,6 +138,10 @@ def test_errors_are_explained(deployed, followed, monkeypatch):
     rc, _, err = cli("--token", TOKEN, "distill", "temperature=-1", "colour=red")
     assert rc == 2 and "422" in err
     assert re.search(r"^  temperature: ", err, re.M) and re.search(r"^  colour: ", err, re.M), err
+    rc, out, err = cli("--token", TOKEN, "caches")  # none built on this storage
+    assert rc == 0 and "0 cache(s), 0 bytes" in out, (out, err)
+    rc, _, err = cli("--token", TOKEN, "caches", "delete", f"corpus/{'0' * 20}")
+    assert rc == 1 and "404" in err and f"no cache corpus/{'0' * 20}" in err, err
     with socket_free_port() as port:
         rc, _, err = cli("--url", f"http://127.0.0.1:{port}", "jobs")
     assert rc == 1 and "cannot reach the llm2slm service" in err and "llm2slm serve" in err

@@ -162,3 +162,26 @@ def test_kd_does_not_import_ray():
         "assert 'ray' not in sys.modules, 'kd imported ray'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_preset_fills_defaults_that_explicit_fields_override(monkeypatch):
+    from kd.config import PRESETS
+
+    q = DistillConfig(preset="quality")
+    assert PRESETS["quality"] and all(getattr(q, k) == v for k, v in PRESETS["quality"].items())
+    # what the API stores is what every worker re-validates: the same config
+    assert DistillConfig.model_validate(json.loads(q.model_dump_json())) == q
+    mine = DistillConfig(preset="quality", max_steps=7, warmup_steps=0)
+    assert (mine.preset, mine.max_steps, mine.warmup_steps) == ("quality", 7, 0)
+    assert load_config("", ["preset=quality", "lr=5e-4"]).lr == 5e-4  # python -m kd k=v
+    # a preset's student size steps aside when the request sizes its student itself
+    monkeypatch.setitem(PRESETS, "quality", {"student_layers": 30, "student_ffn": 512})
+    sized = DistillConfig(preset="quality")
+    assert (sized.student_layers, sized.student_ffn) == (30, 512)
+    own = DistillConfig(preset="quality", student_params="60M")
+    assert (own.student_layers, own.student_ffn, own.student_params) == (None, None, 60_000_000)
+    other = DistillConfig(preset="quality", student_model="HuggingFaceTB/SmolLM2-135M")
+    assert other.student_layers is None
+    with pytest.raises(ValidationError) as e:
+        DistillConfig(preset="fastest")
+    assert e.value.errors()[0]["loc"] == ("preset",)

@@ -201,6 +201,14 @@ def test_streamed_batches_are_the_blocks_and_resume_at_the_same_block(
     assert torch.equal(head.batch([0, 1])["input_ids"], full.input_ids[:2])  # calibration
     with pytest.raises(ValueError, match="not streamed"):
         head.batch([len(full) - 1])
+    # the held-out side: a worker holds its first held_blocks blocks, never more, so its
+    # memory does not grow with the corpus (evaluation scores the first max_eval_blocks)
+    all_held = ing.read_side(storage, c["key"], c["manifest"], "eval")
+    assert len(all_held) > 3
+    held = stream.stream_data(storage, c, 3, world, open_stream, held_blocks=3)["data"][1]
+    assert torch.equal(held.input_ids, all_held.input_ids[:3]) and held.split == all_held.split
+    everything = stream.stream_data(storage, c, 3, world, open_stream)["data"][1]
+    assert torch.equal(everything.input_ids, all_held.input_ids)  # fewer than HELD_BLOCKS
 
 
 def test_training_on_the_stream_resumes_exactly(tmp_path, tokenizer, tiny_teacher, corpus):

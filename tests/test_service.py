@@ -368,3 +368,73 @@ def test_a_job_started_outside_the_service_registers_itself(ray_cluster, svc, tm
     assert job_id in [j["job_id"] for j in listed]
     arts = [a["path"] for a in c.get(f"/artifacts/{job_id}").json()["artifacts"]]
     assert "metrics.json" in arts and "student/model.safetensors" in arts
+
+
+def test_two_jobs_build_one_cache_then_list_and_delete(ray_cluster, svc, tokenizer):
+    """Two jobs that need the same missing corpus cache at once build it once (the
+    registry's build lease; the real ingest on Ray Data in both); GET /caches lists it
+    with both jobs; DELETE is refused (409) while a job using it is active, then frees
+    it. The two jobs register as drivers run by hand would (this test's Ray driver)."""
+    import threading
+
+    import ray
+
+    from jobs.storage import Storage
+    from kd.config import DistillConfig
+    from train_job.cache_guard import CacheGuard
+    from train_job.ingest import ingest
+    from train_job.registry_client import RegistryClient
+
+    c, reg = svc["client"], _registry(svc)
+    storage = Storage(svc["root"])
+    body = svc["cfg"] | {"data_pipeline": "ray_data", "max_steps": 2}
+    cfg = DistillConfig.model_validate(body)
+    jobs = [f"cache-user-{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
+    driver = ray.get_runtime_context().get_job_id()
+    for job_id in jobs:  # running, reconciled against this (live) driver
+        assert ray.get(reg.register.remote(job_id, body, str(svc["root"]), driver))
+    results: dict[str, dict] = {}
+
+    def run(job_id):
+        guard = CacheGuard(storage, job_id, RegistryClient(reg, "x/y"), poll_s=0.2)
+        results[job_id] = ingest(cfg, storage, tokenizer, guard=guard)
+
+    try:
+        threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert set(results) == set(jobs), "a job did not get its corpus"
+        key = results[jobs[0]]["key"]
+        assert results[jobs[1]]["key"] == key
+        assert sorted(r["reused"] for r in results.values()) == [False, True]  # built once
+        assert sorted(r["tokenizer_calls"] == 0 for r in results.values()) == [False, True]
+        builder = next(j for j, r in results.items() if not r["reused"])
+
+        listed = c.get("/caches").json()
+        mine = [x for x in listed["caches"] if x["key"] == key]
+        assert len(mine) == 1, listed
+        cache = mine[0]
+        assert (cache["kind"], cache["complete"], cache["corpus"]) == (
+            "corpus", True, body["dataset"])  # fmt: skip
+        assert {j["job_id"]: j["built"] for j in cache["jobs"]} == {
+            j: j == builder for j in jobs}  # fmt: skip
+        assert sorted(cache["in_use_by"]) == sorted(jobs) and cache["building_by"] == []
+        on_disk = sum(
+            p.stat().st_size for p in (svc["root"] / "corpus" / key).rglob("*") if p.is_file()
+        )
+        assert cache["bytes"] == on_disk and listed["total_bytes"] >= on_disk
+
+        r = c.delete(f"/caches/corpus/{key}")
+        assert r.status_code == 409 and jobs[0] in r.json()["detail"], r.text
+        assert (svc["root"] / "corpus" / key / "manifest.json").is_file()
+        assert c.delete(f"/caches/corpus/{'0' * 20}").status_code == 404
+        assert c.delete(f"/caches/jobs/{key}").status_code == 404  # not a cache kind
+    finally:
+        for job_id in jobs:
+            ray.get(reg.update.remote(job_id, {"state": "succeeded"}))
+    r = c.delete(f"/caches/corpus/{key}")
+    assert r.status_code == 200 and r.json()["bytes_freed"] == on_disk, r.text
+    assert not (svc["root"] / "corpus" / key).exists()
+    assert key not in [x["key"] for x in c.get("/caches").json()["caches"]]

@@ -81,14 +81,14 @@ def preflight(cfg: DistillConfig) -> None:
         dataset_source(ds, field)  # a missing or (in an API job) relative path fails here
 
 
-def prepare_teacher_cache(cfg: DistillConfig, paths: JobPaths, trust: bool) -> dict | None:
+def prepare_teacher_cache(cfg: DistillConfig, paths: JobPaths, trust: bool, guard) -> dict | None:
     """The teacher signal cache this job reads (built here when needed), or None."""
     if cfg.teacher_signal == "live":
         return None
     from train_job import teacher_cache
 
     blocks = teacher_cache.training_blocks(cfg, trust)
-    return teacher_cache.prepare(cfg, paths.storage, blocks, trust_remote_code=trust)
+    return teacher_cache.prepare(cfg, paths.storage, blocks, trust_remote_code=trust, guard=guard)
 
 
 def build_trainer(
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kd.model_files import ModelFilesError
     from kd.preflight import PreflightError, cluster_check
+    from train_job.cache_guard import CacheGuard
     from train_job.ingest import prepare as prepare_corpus
     from train_job.registry_client import RegistryClient
     from train_job.shape_search import resolve_budget
@@ -200,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight(cfg)
         cfg, search = resolve_budget(cfg, paths, registry, args.trust_remote_code)
-        cache = prepare_teacher_cache(cfg, paths, args.trust_remote_code)
-        corpus = prepare_corpus(cfg, store, args.trust_remote_code)  # data_pipeline='ray_data'
+        guard = CacheGuard(store, job_id, registry)  # one builder per missing cache
+        cache = prepare_teacher_cache(cfg, paths, args.trust_remote_code, guard)
+        corpus = prepare_corpus(cfg, store, args.trust_remote_code, guard)  # ray_data only
         trainer = build_trainer(
             cfg,
             paths,

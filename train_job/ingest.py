@@ -71,6 +71,7 @@ import torch
 from jobs.storage import Storage
 from kd.config import EMBEDDED_DATASET, DistillConfig
 from kd.data import EVAL_NAMES_SHOWN, LOCAL_SUFFIXES, DataError, Packed, check_enough_blocks
+from train_job.cache_guard import CacheGuard
 
 FORMAT = "llm2slm.corpus/1"
 CORPUS_PREFIX = "corpus"  # storage key prefix of every corpus cache
@@ -345,7 +346,7 @@ def build(cfg: DistillConfig, storage: Storage, tokenizer, key: str, fp: dict,
 
 
 def ingest(cfg: DistillConfig, storage: Storage, tokenizer, num_cpus: int | None = None,
-           shard_blocks: int = SHARD_BLOCKS) -> dict:  # fmt: skip
+           shard_blocks: int = SHARD_BLOCKS, guard: CacheGuard | None = None) -> dict:  # fmt: skip
     """The corpus cache for this job: reused when its key exists, else built.
 
     Returns {"key", "manifest", "reused", "tokenizer_calls", "ingest_s"}: this job's
@@ -354,11 +355,14 @@ def ingest(cfg: DistillConfig, storage: Storage, tokenizer, num_cpus: int | None
     t0 = time.perf_counter()
     fp = fingerprint(cfg, tokenizer)
     key = corpus_key(fp)
-    manifest = load_manifest(storage, key)
-    reused = manifest is not None
-    if manifest is None:
-        manifest = build(cfg, storage, tokenizer, key, fp, num_cpus, shard_blocks)
-    else:  # the cache was built for this data; the job's batch size may differ
+    manifest, built = (guard or CacheGuard(storage, None)).get(
+        CORPUS_PREFIX,
+        key,
+        lambda: load_manifest(storage, key),
+        lambda: build(cfg, storage, tokenizer, key, fp, num_cpus, shard_blocks),
+    )
+    reused = not built
+    if reused:  # the cache was built for this data; the job's batch size may differ
         check_enough_blocks(manifest["train"]["blocks"], manifest["train"]["tokens"], cfg)
     calls = 0 if reused else manifest["counters"]["tokenizer_calls"]
     log.info("corpus %s: %s", key, "reused" if reused else "built")
@@ -414,7 +418,8 @@ def read_side(storage: Storage, key: str, manifest: dict, side: str,
     return packed
 
 
-def prepare(cfg: DistillConfig, storage: Storage, trust_remote_code: bool = False) -> dict | None:
+def prepare(cfg: DistillConfig, storage: Storage, trust_remote_code: bool = False,
+            guard: CacheGuard | None = None) -> dict | None:  # fmt: skip
     """The job driver's step: the corpus cache on data_pipeline='ray_data', else None."""
     if cfg.data_pipeline != "ray_data":
         return None
@@ -424,7 +429,7 @@ def prepare(cfg: DistillConfig, storage: Storage, trust_remote_code: bool = Fals
 
     where = local_folder(cfg.teacher_model)
     tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    return ingest(cfg, storage, tok)
+    return ingest(cfg, storage, tok, guard=guard)
 
 
 def summary(corpus: dict) -> dict:

@@ -82,6 +82,17 @@ class RegistryClient:
         except Exception as e:  # the registry being down must not fail training
             log.warning("registry update failed: %s", e)
 
+    def call(self, method: str, *args, timeout: float = 30.0):
+        """The answer of registry method `method(*args)`; None without a registry or
+        when it cannot be reached (the caller then goes on alone, as with no registry)."""
+        if self.handle is None:
+            return None
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args), timeout=timeout)
+        except Exception as e:
+            log.warning("registry call %s failed: %s", method, e)
+            return None
+
     def update_sync(self, job_id: str, timeout: float = 30.0, **fields) -> dict | None:
         """For state changes: wait until the registry has stored them. Returns the job's
         record as the registry holds it after the update (None without a registry, or

@@ -42,6 +42,7 @@ from kd.config import DistillConfig
 from kd.data import Packed
 from kd.run import resolve_precision
 from kd.teacher_signal import TeacherSignal, compute_signal
+from train_job.cache_guard import CacheGuard
 
 FORMAT = "llm2slm.teacher_signal/1"
 PREFIX = "teacher_signal"
@@ -248,20 +249,28 @@ def prepare(
     *,
     corpus_key: str | None = None,
     trust_remote_code: bool = False,
+    guard: CacheGuard | None = None,
 ) -> dict | None:
     """What the job's workers read: {"key", "built", "teacher_forwards", ...} or None
     when this job runs the live teacher (teacher_signal=live, or auto with no cache and
-    a single epoch)."""
+    a single epoch). `guard` (the job's registry) makes two jobs that need the same
+    missing cache build it once."""
     if cfg.teacher_signal == "live" or cfg.data_pipeline == "ray_data":
         return None  # the streamed corpus carries no signal yet (config refuses 'cache')
     key, fp = cache_key(cfg, corpus_key or blocks_key(blocks))
     manifest_key = f"{PREFIX}/{key}/{MANIFEST}"
-    if storage.is_file(manifest_key):
-        m = storage.read_json(manifest_key)
-        return {"key": key, "built": False, "teacher_forwards": 0, "bytes": m["bytes"]}
-    if cfg.teacher_signal == "auto" and epochs(cfg, len(blocks)) <= 1.0:
+    one_pass = cfg.teacher_signal == "auto" and epochs(cfg, len(blocks)) <= 1.0
+    if one_pass and not storage.is_file(manifest_key):
         return None  # one pass: building costs as much as running the teacher live
-    m = build(cfg, storage, key, fp, blocks, trust_remote_code=trust_remote_code)
+    guard = guard or CacheGuard(storage, None)
+    m, built = guard.get(
+        PREFIX,
+        key,
+        lambda: storage.read_json(manifest_key) if storage.is_file(manifest_key) else None,
+        lambda: build(cfg, storage, key, fp, blocks, trust_remote_code=trust_remote_code),
+    )
+    if not built:
+        return {"key": key, "built": False, "teacher_forwards": 0, "bytes": m["bytes"]}
     return {
         "key": key,
         "built": True,
