@@ -81,6 +81,33 @@ def _params_ok(value: str) -> bool:
         return False
 
 
+# Named recipes (`preset=...`). Each is a set of field defaults: a field the request
+# sets explicitly wins over its preset. Chosen by issue 17's recipe sweep, on whole
+# wikitext articles held out from training (BENCHMARKS.md, "(b) The recipe sweep").
+Preset = Literal["quality"]
+PRESETS: dict[str, dict[str, object]] = {
+    # today's recipe for the 347 steps it made in 30 minutes on 2 CPU cores (row base30:
+    # 0.81x the teacher's held-out perplexity); the one-lever screen is still to run
+    "quality": {"max_steps": 347},
+}
+PRESET_NAMES: tuple[str, ...] = get_args(Preset)
+# Size fields of a preset step aside when the request sizes its student itself.
+STUDENT_SIZE_FIELDS = ("student_layers", "student_hidden", "student_ffn", "student_heads",
+                       "student_kv_heads", "student_params")  # fmt: skip
+
+
+def apply_preset(data: dict) -> dict:
+    """The request `data` over its preset's defaults (unchanged without a preset)."""
+    name = data.get("preset")
+    if name not in PRESETS:  # None, or a name the field's Literal refuses by name
+        return data
+    base = dict(PRESETS[name])
+    own_size = any(data.get(k) is not None for k in STUDENT_SIZE_FIELDS)
+    if own_size or data.get("student_model") not in (None, "teacher"):
+        base = {k: v for k, v in base.items() if k not in STUDENT_SIZE_FIELDS}
+    return base | data
+
+
 Objective = Literal["forward_kl", "reverse_kl", "jsd"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 LayerSelection = Literal["uniform", "block_influence", "first"]
