@@ -34,17 +34,13 @@ class CacheNameError(ValueError):
 
 
 def check_name(kind: str, key: str) -> str:
-    """The storage prefix of cache (kind, key); CacheNameError for a bad kind or key."""
+    """'<kind>/<key>': the cache's storage prefix, and its name in the registry and a
+    job's record; CacheNameError for a bad kind or key."""
     if kind not in CACHE_KINDS:
         raise CacheNameError(f"cache kind '{kind}' is not one of {', '.join(CACHE_KINDS)}")
     if not KEY_RE.match(key):
         raise CacheNameError(f"cache key '{key}' is not 20 lowercase hex digits")
     return f"{kind}/{key}"
-
-
-def cache_id(kind: str, key: str) -> str:
-    """'<kind>/<key>': how the registry and a job's record name one cache."""
-    return check_name(kind, key)
 
 
 def record_use(storage: Storage, kind: str, key: str, job_id: str, built: bool) -> None:

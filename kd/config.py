@@ -32,7 +32,6 @@ from kd.spec import (  # noqa: F401  (re-exported: kd.config is where callers lo
     LOSS_WEIGHTS,
     MODEL_DATA_FIELDS,
     OBJECTIVES,
-    PRESET_NAMES,
     PRESETS,
     SAVE_DTYPES,
     LayerSelection,

@@ -90,7 +90,6 @@ PRESETS: dict[str, dict[str, object]] = {
     # 0.81x the teacher's held-out perplexity); the one-lever screen is still to run
     "quality": {"max_steps": 347},
 }
-PRESET_NAMES: tuple[str, ...] = get_args(Preset)
 # Size fields of a preset step aside when the request sizes its student itself.
 STUDENT_SIZE_FIELDS = ("student_layers", "student_hidden", "student_ffn", "student_heads",
                        "student_kv_heads", "student_params")  # fmt: skip

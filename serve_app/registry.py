@@ -287,7 +287,7 @@ class JobRegistry:
 
         Raises CacheInUse naming the active jobs that use or build it. The check and the
         delete run with no await between them: no job can start using it in between."""
-        cache = caches.cache_id(kind, key)
+        cache = caches.check_name(kind, key)
         users = (await self.caches_in_use()).get(cache)
         if users:
             jobs = ", ".join(sorted(set(users["in_use_by"] + users["building_by"])))

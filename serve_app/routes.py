@@ -167,7 +167,7 @@ async def list_caches(svc: Svc) -> CacheList:
     its size, the jobs that used it, and the active jobs that use it now."""
     found = await asyncio.to_thread(caches.list_caches, Storage(svc.settings.storage_root))
     in_use = await svc.registry.caches_in_use.remote()
-    out = [CacheInfo(**c, **in_use.get(caches.cache_id(c["kind"], c["key"]), {})) for c in found]
+    out = [CacheInfo(**c, **in_use.get(caches.check_name(c["kind"], c["key"]), {})) for c in found]
     return CacheList(caches=out, total_bytes=sum(c.bytes for c in out))
 
 

@@ -66,7 +66,7 @@ def _registry(tmp_path) -> JobRegistry:
 
 
 def test_registry_refuses_to_delete_a_cache_an_active_job_uses(tmp_path):
-    cache = caches.cache_id("teacher_signal", KEY)
+    cache = caches.check_name("teacher_signal", KEY)
 
     async def scenario():
         reg = _registry(tmp_path)
@@ -87,7 +87,7 @@ def test_registry_refuses_to_delete_a_cache_an_active_job_uses(tmp_path):
 
 
 def test_build_lease_is_one_jobs_and_passes_on_when_its_holder_dies(tmp_path):
-    cache = caches.cache_id("corpus", KEY)
+    cache = caches.check_name("corpus", KEY)
 
     async def scenario():
         reg = _registry(tmp_path)

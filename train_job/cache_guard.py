@@ -43,7 +43,7 @@ class CacheGuard:
     ) -> tuple[dict, bool]:
         """(manifest, built_here). `load` returns the complete cache's manifest or None;
         `build` builds it and returns its manifest (run by one job at a time)."""
-        cache = caches.cache_id(kind, key)
+        cache = caches.check_name(kind, key)
         self._call("use_cache", cache)  # first: a delete after this is refused
         manifest, built = load(), False
         waited_for = None
