@@ -98,7 +98,9 @@ STUDENT_SIZE_FIELDS = ("student_layers", "student_hidden", "student_ffn", "stude
 def apply_preset(data: dict) -> dict:
     """The request `data` over its preset's defaults (unchanged without a preset)."""
     name = data.get("preset")
-    if name not in PRESETS:  # None, or a name the field's Literal refuses by name
+    # None, or anything the field's Literal then refuses by name (a wrong string, a
+    # list, an object: unhashable, so test the type before the dict lookup)
+    if not isinstance(name, str) or name not in PRESETS:
         return data
     base = dict(PRESETS[name])
     own_size = any(data.get(k) is not None for k in STUDENT_SIZE_FIELDS)

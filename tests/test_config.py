@@ -185,3 +185,9 @@ def test_preset_fills_defaults_that_explicit_fields_override(monkeypatch):
     with pytest.raises(ValidationError) as e:
         DistillConfig(preset="fastest")
     assert e.value.errors()[0]["loc"] == ("preset",)
+    # a preset of the wrong type is a 422 naming the field, not a TypeError (found by the
+    # API fuzz test: {"preset": {}} was a 500)
+    for wrong in ({}, [], 3):
+        with pytest.raises(ValidationError) as e:
+            DistillConfig(preset=wrong)
+        assert e.value.errors()[0]["loc"] == ("preset",)
