@@ -126,8 +126,19 @@ def test_driver_killed_registry_killed_resubmit_resumes_then_cancel_mid_checkpoi
     # 1. Resubmitted: resumes from the newest checkpoint written before the kill.
     every_step = cfg | {"save_every": 1}
     assert c.post("/distill", params={"job_id": job_id}, json=every_step).status_code == 202
+    # The record keeps the killed attempt's step while the new one is pending, so wait on
+    # this attempt running past its checkpoint, not on the step alone (CI saw 'pending').
     st = wait_for(
-        c, job_id, lambda s: (s.get("step") or 0) >= before[-1][0] + 2 or s["state"] in TERMINAL
+        c,
+        job_id,
+        lambda s: (
+            (
+                s["attempt"] == 1
+                and s["state"] == "running"
+                and (s.get("step") or 0) >= before[-1][0] + 2
+            )
+            or s["state"] in TERMINAL
+        ),
     )
     assert st["state"] == "running" and st["attempt"] == 1, st
     assert st["resumed_from_step"] == before[-1][0], (st, before)
