@@ -43,6 +43,12 @@ def check_name(kind: str, key: str) -> str:
     return f"{kind}/{key}"
 
 
+def read_manifest(storage: Storage, kind: str, key: str) -> dict | None:
+    """The manifest of a complete cache (written last), or None while there is none."""
+    path = f"{check_name(kind, key)}/{MANIFEST}"
+    return storage.read_json(path) if storage.is_file(path) else None
+
+
 def record_use(storage: Storage, kind: str, key: str, job_id: str, built: bool) -> None:
     """Note that `job_id` used (and maybe built) this cache; listed by `describe`."""
     rec = {"job_id": job_id, "built": built, "time": time.time()}
@@ -76,8 +82,7 @@ def describe(storage: Storage, kind: str, key: str) -> dict | None:
     files = storage.list_files(prefix)
     if not files:
         return None
-    manifest = storage.read_json(f"{prefix}/{MANIFEST}") if storage.is_file(
-        f"{prefix}/{MANIFEST}") else None  # fmt: skip
+    manifest = read_manifest(storage, kind, key)
     jobs = []
     for f in files:
         if f["path"].startswith(f"{USERS}/") and f["path"].endswith(".json"):
@@ -109,9 +114,12 @@ def list_caches(storage: Storage) -> list[dict]:
     return sorted(out, key=lambda c: -(c["created_at"] or 0))
 
 
-def delete(storage: Storage, kind: str, key: str) -> int:
-    """Remove the cache's files; returns the bytes freed (0 when there was none)."""
+def delete(storage: Storage, kind: str, key: str) -> int | None:
+    """Remove the cache's files; returns the bytes freed, or None when nothing was
+    stored under it."""
     prefix = check_name(kind, key)
-    size = sum(f["size"] for f in storage.list_files(prefix))
+    files = storage.list_files(prefix)
+    if not files:
+        return None
     storage.delete_tree(prefix)
-    return size
+    return sum(f["size"] for f in files)

@@ -295,8 +295,6 @@ class JobRegistry:
                 f"cache {cache} is in use by active job(s) {jobs}: delete it after they "
                 "end (or cancel them first)"
             )
-        if caches.describe(self.storage, kind, key) is None:
-            return None
         return caches.delete(self.storage, kind, key)
 
     # ---- scheduling and reconciliation ------------------------------------------

@@ -50,6 +50,7 @@ def test_list_describe_record_and_delete_on_files(tmp_path):
     assert caches.delete(storage, "teacher_signal", KEY) == size
     assert not (tmp_path / "teacher_signal" / KEY).exists()
     assert caches.describe(storage, "teacher_signal", KEY) is None
+    assert caches.delete(storage, "teacher_signal", KEY) is None  # nothing left to free
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from jobs import caches
+from jobs.caches import MANIFEST
 from jobs.storage import Storage
 from kd.config import EMBEDDED_DATASET, DistillConfig
 from kd.data import EVAL_NAMES_SHOWN, LOCAL_SUFFIXES, DataError, Packed, check_enough_blocks
@@ -75,7 +77,6 @@ from train_job.cache_guard import CacheGuard
 
 FORMAT = "llm2slm.corpus/1"
 CORPUS_PREFIX = "corpus"  # storage key prefix of every corpus cache
-MANIFEST = "manifest.json"
 SHARD_BLOCKS = 4096  # blocks per shard: 4 MiB of int32 ids at max_seq_len 256
 
 log = logging.getLogger(__name__)
@@ -293,12 +294,6 @@ def corpus_prefix(key: str) -> str:
     return f"{CORPUS_PREFIX}/{key}"
 
 
-def load_manifest(storage: Storage, key: str) -> dict | None:
-    """The manifest of a complete corpus cache, or None when there is none yet."""
-    path = f"{corpus_prefix(key)}/{MANIFEST}"
-    return storage.read_json(path) if storage.is_file(path) else None
-
-
 def _cpus() -> int:
     import ray
 
@@ -358,7 +353,7 @@ def ingest(cfg: DistillConfig, storage: Storage, tokenizer, num_cpus: int | None
     manifest, built = (guard or CacheGuard(storage, None)).get(
         CORPUS_PREFIX,
         key,
-        lambda: load_manifest(storage, key),
+        lambda: caches.read_manifest(storage, CORPUS_PREFIX, key),
         lambda: build(cfg, storage, tokenizer, key, fp, num_cpus, shard_blocks),
     )
     reused = not built

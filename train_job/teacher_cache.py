@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobs import caches
+from jobs.caches import MANIFEST
 from jobs.storage import Storage
 from kd.config import DistillConfig
 from kd.data import Packed
@@ -46,7 +48,6 @@ from train_job.cache_guard import CacheGuard
 
 FORMAT = "llm2slm.teacher_signal/1"
 PREFIX = "teacher_signal"
-MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------------------------
@@ -258,15 +259,14 @@ def prepare(
     if cfg.teacher_signal == "live" or cfg.data_pipeline == "ray_data":
         return None  # the streamed corpus carries no signal yet (config refuses 'cache')
     key, fp = cache_key(cfg, corpus_key or blocks_key(blocks))
-    manifest_key = f"{PREFIX}/{key}/{MANIFEST}"
     one_pass = cfg.teacher_signal == "auto" and epochs(cfg, len(blocks)) <= 1.0
-    if one_pass and not storage.is_file(manifest_key):
+    if one_pass and caches.read_manifest(storage, PREFIX, key) is None:
         return None  # one pass: building costs as much as running the teacher live
     guard = guard or CacheGuard(storage, None)
     m, built = guard.get(
         PREFIX,
         key,
-        lambda: storage.read_json(manifest_key) if storage.is_file(manifest_key) else None,
+        lambda: caches.read_manifest(storage, PREFIX, key),
         lambda: build(cfg, storage, key, fp, blocks, trust_remote_code=trust_remote_code),
     )
     if not built:
