@@ -48,6 +48,15 @@ def checkpoints(storage: Path, job_id: str) -> list[Path]:
     return sorted((storage / "ray" / job_id).glob("checkpoint_2*/state.safetensors"))
 
 
+def registered(storage: Path, job_id: str) -> list[Path]:
+    """Checkpoints Ray Train has registered (listed in its snapshot): only these are
+    resumed from. A folder whose files exist may not be registered yet; removing a node
+    then restarts from scratch (CI saw resumed_from_step None)."""
+    snap = storage / "ray" / job_id / "checkpoint_manager_snapshot.json"
+    text = snap.read_text() if snap.is_file() else ""
+    return [c for c in checkpoints(storage, job_id) if c.parent.name in text]
+
+
 def busy_nodes(worker_ids: set[str]) -> set[str]:
     """Worker nodes whose only CPU is taken (by a training worker)."""
     free = ray._private.state.available_resources_per_node()
@@ -102,7 +111,7 @@ def run(args) -> dict:
         ids = {n.node_id for n in nodes}
         wait(lambda: busy_nodes(ids) == ids, 180, proc, "a worker on each node")
         out["placed_on_both_worker_nodes"] = True
-        wait(lambda: checkpoints(storage, job), 180, proc, "a first checkpoint")
+        wait(lambda: registered(storage, job), 180, proc, "a first registered checkpoint")
         cluster.remove_node(nodes[1], allow_graceful=False)
         removed_at = time.time()
         time.sleep(args.gap_s)  # no capacity: the controller waits for a second CPU
