@@ -124,11 +124,18 @@ class JobRegistry:
     def _again(job: dict[str, Any]) -> dict[str, Any]:
         """Fields that reset a failed or cancelled job for another attempt."""
         attempt = job.get("attempt", 0) + 1
-        # ray_job_id, storage_root, stoppable: only for a job that registered itself
+        # ray_job_id, storage_root, stoppable: only for a job that registered itself.
+        # Progress is the attempt's own: a pending or just-started attempt that showed the
+        # killed one's step read as "resumed, already past it" before it had loaded anything.
         return {
             "attempt": attempt,
             "error": None,
             "finished_at": None,
+            "step": None,
+            "eta_s": None,
+            "metrics": None,
+            "resumed_from_step": None,
+            "started_at": None,
             "ray_job_id": None,
             "storage_root": None,
             "stoppable": None,

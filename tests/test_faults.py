@@ -126,8 +126,8 @@ def test_driver_killed_registry_killed_resubmit_resumes_then_cancel_mid_checkpoi
     # 1. Resubmitted: resumes from the newest checkpoint written before the kill.
     every_step = cfg | {"save_every": 1}
     assert c.post("/distill", params={"job_id": job_id}, json=every_step).status_code == 202
-    # The record keeps the killed attempt's step while the new one is pending, so wait on
-    # this attempt running past its checkpoint, not on the step alone (CI saw 'pending').
+    # A new attempt's record starts with no step (registry._again), so a step past the
+    # checkpoint is this attempt's worker's; attempt and state are checked as well.
     st = wait_for(
         c,
         job_id,

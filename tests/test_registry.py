@@ -83,6 +83,29 @@ def test_create_writes_config_only_for_new_failed_or_cancelled_jobs(tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_new_attempt_starts_without_the_last_attempts_progress(tmp_path):
+    """CI saw a resubmitted job read `running` at the killed attempt's step with no
+    `resumed_from_step`: the driver marks an attempt running before its worker loads the
+    checkpoint, and the record still carried the old attempt's progress."""
+
+    async def scenario():
+        reg = _registry(tmp_path)
+        await reg.create("j1", {"max_steps": 20})
+        await reg.update("j1", {"state": "running", "started_at": 1.0})
+        await reg.update("j1", {"step": 8, "eta_s": 3.0, "metrics": {"loss": 2.0}})
+        await reg.update("j1", {"state": "failed", "error": "driver ended"})
+        job, created = await reg.create("j1", {"max_steps": 20, "save_every": 1})
+        assert created and (job["state"], job["attempt"]) == ("pending", 1)
+        progress = ("step", "eta_s", "metrics", "resumed_from_step", "started_at", "error")
+        assert {k: job.get(k) for k in progress} == dict.fromkeys(progress), job
+        job = await reg.update("j1", {"state": "running", "started_at": 2.0})  # the driver
+        assert job["step"] is None and job["resumed_from_step"] is None
+        job = await reg.update("j1", {"state": "running", "step": 6, "resumed_from_step": 6})
+        assert (job["step"], job["resumed_from_step"]) == (6, 6)  # the worker, resumed
+
+    asyncio.run(scenario())
+
+
 def test_outcome_reads_the_result_from_the_job_files(tmp_path):
     reg = _registry(tmp_path)
     paths = JobPaths(str(tmp_path), "j1")
