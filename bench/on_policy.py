@@ -76,8 +76,7 @@ def make_config(args, lmbda: float):
         lm_ce=0.0,
         fused_lm_head=True,
         seed=args.seed,
-        export_onnx=False,
-        post_training_quant=False,
+        export_formats=["safetensors"],
         **objective_for(args.beta),
     )
 
