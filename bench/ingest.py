@@ -10,7 +10,8 @@ the tokenizer sees realistic words), then:
   so both tokenize everything): `train_job.ingest.ingest` wall time, split included;
 * the training worker's peak RSS: a Ray Train worker (TorchTrainer, 1 worker) that does
   exactly the data part of `train_job.worker` (`stream.worker_data`, then pulls
-  batches through `get_dataset_shard`) reports its ru_maxrss; the same worker on
+  batches through `get_dataset_shard`) reports its ru_maxrss and its peak private
+  (RssAnon) and shared (RssShmem: Ray's object store) memory; the same worker on
   data_pipeline='local' (`kd.data.build_datasets`, which every worker runs today)
   for contrast. Models are left out: they are the same at every corpus size;
 * the time to start a second job on the same corpus: `ingest.prepare` again (it finds
@@ -55,6 +56,18 @@ def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
     return n
 
 
+def _rss_parts() -> dict[str, int]:
+    """kB of this process's resident memory by kind: private (RssAnon) and shared
+    memory mappings (RssShmem, where the Ray object store lives)."""
+    parts = {"RssAnon": 0, "RssShmem": 0}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in parts:
+                parts[key] = int(line.split()[1])
+    return parts
+
+
 def _rss_loop(config: dict) -> None:
     """A Ray Train worker's data part: build or stream the blocks, pull batches."""
     import ray.train
@@ -84,10 +97,17 @@ def _rss_loop(config: dict) -> None:
             return train.batch(sampler.next_indices())
 
     n = min(config["batches"], sampler.batches_per_epoch)
+    # ru_maxrss also counts the object store's shared pages that the worker has touched
+    # (Ray Data hands it batches through plasma): that part grows with the corpus and is
+    # the store's, not the worker's. So the private (anonymous) part is sampled too.
+    peak = _rss_parts()
     for _ in range(n):
         pull()
+        now = _rss_parts()
+        peak = {k: max(v, now[k]) for k, v in peak.items()}
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"peak_rss_mb": rss_mb, "batches": n, "s": time.perf_counter() - t0}
+    out |= {f"peak_{k.lower()}_mb": round(v / 1024, 1) for k, v in peak.items()}
     Path(config["result"]).write_text(json.dumps(out))  # Train V2 keeps no metrics-only report
     ray.train.report(out)
 
@@ -171,11 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         row["second_job_tokenizer_calls"] = again["tokenizer_calls"]
         m = worker_rss(cfg, store.root, again, args.rss_batches)
         row["worker_peak_rss_mb_ray_data"] = round(m["peak_rss_mb"], 1)
+        row["worker_peak_anon_mb_ray_data"] = m["peak_rssanon_mb"]
+        row["worker_peak_shmem_mb_ray_data"] = m["peak_rssshmem_mb"]
         row["worker_batches_ray_data"] = m["batches"]
         if not args.skip_local_rss:
             local = cfg.model_copy(update={"data_pipeline": "local"})
             m = worker_rss(local, store.root, None, args.rss_batches)
             row["worker_peak_rss_mb_local"] = round(m["peak_rss_mb"], 1)
+            row["worker_peak_anon_mb_local"] = m["peak_rssanon_mb"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     a, b = rows
@@ -185,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         "rss_apart_mb_ray_data": round(
             b["worker_peak_rss_mb_ray_data"] - a["worker_peak_rss_mb_ray_data"], 1
         ),
+        "anon_apart_mb_ray_data": round(
+            b["worker_peak_anon_mb_ray_data"] - a["worker_peak_anon_mb_ray_data"], 1
+        ),
         "cpus_on_machine": os.cpu_count(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(k, "")) for k in cols) + " |")
-    print(f"\nworker RSS apart (ray_data): {summary['rss_apart_mb_ray_data']} MB")
+    print(f"\nworker RSS apart (ray_data): {summary['rss_apart_mb_ray_data']} MB; private "
+          f"(RssAnon) apart: {summary['anon_apart_mb_ray_data']} MB")  # fmt: skip
     print(f"command: {summary['command']}")
     ray.shutdown()
     return 0
