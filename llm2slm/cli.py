@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-workers", type=int, help="num_workers")
     d.add_argument("--job-id", help="id for the job; an id of a failed job resumes it")
     d.add_argument("--follow", action="store_true", help="show progress until it ends")
+    d.add_argument("--every", type=float, default=1.0, help="--follow: seconds between polls")
     d.add_argument("--local", action="store_true", help="run here on a local Ray, no service")
     d.add_argument("--storage", default="llm2slm-storage", help="--local: storage root")
     d.add_argument("overrides", nargs="*", help="key=value config fields")
@@ -160,7 +161,7 @@ def cmd_distill(args, client: Llm2SlmClient, console: Console) -> int:
     if not args.follow:
         console.print(f"follow it: llm2slm status {sub.job_id} --follow", highlight=False)
         return 0
-    return _final(console, progress.follow(client, sub.job_id, console))
+    return _final(console, progress.follow(client, sub.job_id, console, every=args.every))
 
 
 def cmd_status(args, client: Llm2SlmClient, console: Console) -> int:
