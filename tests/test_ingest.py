@@ -315,3 +315,36 @@ def test_ray_data_job_resumes_at_the_same_block_and_reuses_the_corpus(
     train(straight, lambda e: losses.update({float(e.step): e.metrics["loss"]}))
     resumed = {h["step"]: h["loss"] for h in a6["history"]}
     assert [resumed[s] for s in (5.0, 6.0)] == pytest.approx([losses[5.0], losses[6.0]], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_data_job_trains_when_its_workers_hold_every_cpu(
+    ray_cluster, tmp_path, tiny_teacher, corpus
+):
+    """The shard reads must not wait for a CPU: on a cluster whose CPUs the training
+    workers hold (the usual case: a node per worker, sized to it), Ray Train leaves Ray
+    Data a budget of 0 CPUs, and reads that ask for any CPU are never started (the job
+    hung at its first batch, on two nodes, until this was fixed)."""
+    import ray
+
+    from jobs.paths import JobPaths
+    from train_job.cli import build_trainer
+
+    free = int(ray.available_resources().get("CPU", 0))
+    if free < 2:
+        pytest.skip(f"needs 2 free CPUs on the session Ray, it has {free}")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    # Two workers take every free CPU; an odd one left over is held by an idle actor.
+    spare = ray.remote(num_cpus=free % 2)(type("Hold", (), {"ping": lambda self: 1})).remote()
+    ray.get(spare.ping.remote())
+    body = dict(max_steps=2, warmup_steps=1, save_every=0, logging_steps=1, data_pipeline="ray_data",
+                student_layers=1, num_workers=2, cpus_per_worker=free // 2)  # fmt: skip
+    cfg = tiny_cfg(tiny_teacher, corpus, **body)
+    paths = JobPaths(str(tmp_path), "kd-all-cpus")
+    try:
+        build_trainer(cfg, paths, None, False, corpus=ing.prepare(cfg, Storage(tmp_path))).fit()
+    finally:
+        ray.kill(spare)
+    metrics = Storage(tmp_path).read_json(paths.artifact_key("metrics.json"))
+    assert metrics["steps"] == 2 and metrics["blocks_seen_by_rank"] == [8, 8]

@@ -1,5 +1,5 @@
 """scripts/multinode.py in a subprocess: it starts its own three-node Ray cluster, which
-must not meet the test session's Ray (see that script for the two scenarios)."""
+must not meet the test session's Ray (see that script for its four scenarios)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ pytestmark = pytest.mark.service
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "multinode.py"
 
 
-def test_two_nodes_placement_node_loss_resume_and_exhaustion(tiny_teacher, corpus, tmp_path):
+def test_two_nodes_stream_cache_placement_node_loss_resume_and_exhaustion(
+    tiny_teacher, corpus, tmp_path
+):
     out = tmp_path / "multinode.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
@@ -26,6 +28,17 @@ def test_two_nodes_placement_node_loss_resume_and_exhaustion(tiny_teacher, corpu
     assert r.returncode == 0 and out.is_file(), (r.stdout[-3000:], r.stderr[-6000:])
     res = json.loads(out.read_text())
     print(f"\n[multinode] {json.dumps(res)}")
+    # Each worker node has one CPU and a training worker takes it: the shard reads that
+    # feed them need none (with any, the stream job hung at its first batch).
+    stream, cache = res["stream"], res["cache"]
+    for job in (stream, cache):
+        assert job["rc"] == 0 and job["steps"] == 6 and job["world_size"] == 2, res
+        assert job["nodes_by_actor_or_task"]["RayTrainWorker"] == 2, res
+    assert stream["tokenizer_calls"] > 0 and stream["blocks_seen_by_rank"] == [12, 12], res
+    assert stream["nodes_by_actor_or_task"]["MapBatches(_read_rows)"] >= 1, res
+    # the teacher signal: one actor per node (each takes its node's CPU), then training
+    assert cache["nodes_by_actor_or_task"]["MapWorker(MapBatches(SignalActor))"] == 2, res
+    assert cache["cache_built_on_nodes"] >= 1, res
     assert res["placed_on_both_worker_nodes"]
     resume = res["resume"]
     assert resume["rc"] == 0 and resume["steps"] == 12 and resume["world_size"] == 2, res

@@ -124,7 +124,11 @@ def trainer_datasets(cfg: DistillConfig, root: str, corpus: dict | None) -> dict
                 "world": world,
                 "batch_size": cfg.per_device_batch_size,
             },  # fmt: skip
-            num_cpus=0.25,  # I/O-bound; leaves the CPUs to the training workers
+            # No CPU: the reads are I/O, and the training workers usually hold every CPU
+            # of the cluster (Ray Train then leaves Ray Data a budget of 0 CPUs): a read
+            # that asked for any CPU would never start, and the job hung at its first batch.
+            num_cpus=0,
+            concurrency=2,  # without a CPU to bound them: one shard being read, one ahead
         )
     return {
         "datasets": datasets,

@@ -114,6 +114,9 @@ class SignalActor:
         self.autocast = resolve_precision(self.cfg, torch.device(self.device))
         self.fwd = DistillForward(teacher.eval().requires_grad_(False).to(self.device))
         self.storage, self.prefix = Storage(root), prefix
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg, blocks = self.cfg, batch["block"].astype(np.int64)
@@ -132,6 +135,7 @@ class SignalActor:
         self.storage.write_bytes(f"{self.prefix}/{rel}", buf.getvalue())
         return {
             "path": np.array([rel]),
+            "node": np.array([self.node]),
             "blocks": np.array([len(blocks)]),
             "tokens": np.array([int(mask.sum())]),
             "bytes": np.array([buf.getbuffer().nbytes]),
@@ -207,6 +211,8 @@ def build(
         "counters": {
             "teacher_forwards": len(out),
             "actors": pool,
+            # where the pool's actors ran: Ray Data spreads them over the cluster's nodes
+            "nodes": sorted({str(r["node"]) for r in out}),
             "build_s": build_s,
             "teacher_tokens_per_s": tokens / max(forward_s / pool, 1e-9),
         },
@@ -278,6 +284,7 @@ def prepare(
         "bytes": m["bytes"],
         "bytes_per_token": m["bytes_per_token"],
         "teacher_tokens_per_s": m["counters"]["teacher_tokens_per_s"],
+        "built_on_nodes": len(m["counters"].get("nodes", [])),
     }
 
 
