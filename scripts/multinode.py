@@ -162,7 +162,8 @@ def finished(storage: Path, work: Path, env: dict, job: str, cfg: dict) -> dict:
         "blocks_seen_by_rank": m.get("blocks_seen_by_rank"),
         "tokenizer_calls": ingest.get("tokenizer_calls"),
         "cache_built_on_nodes": cache.get("built_on_nodes"),
-        "teacher_forwards": m.get("teacher_forwards"),
+        "teacher_forwards": m.get("teacher_forwards"),  # the cache build's plus live ones
+        "cache_build_forwards": cache.get("teacher_forwards"),
         "wall_s": round(time.time() - t0, 1),
     }
 

@@ -39,6 +39,7 @@ def test_two_nodes_stream_cache_placement_node_loss_resume_and_exhaustion(
     # the teacher signal: one actor per node (each takes its node's CPU), then training
     assert cache["nodes_by_actor_or_task"]["MapWorker(MapBatches(SignalActor))"] == 2, res
     assert cache["cache_built_on_nodes"] >= 1, res
+    assert cache["teacher_forwards"] == cache["cache_build_forwards"] > 0, res  # none live
     assert res["placed_on_both_worker_nodes"]
     resume = res["resume"]
     assert resume["rc"] == 0 and resume["steps"] == 12 and resume["world_size"] == 2, res
