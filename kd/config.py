@@ -97,7 +97,7 @@ class DistillConfig(BaseModel):
         le=100_000,
         description="With student_params on a Ray cluster: KD steps of each candidate "
         "shape's trial (Ray Tune) before the best by held-out perplexity trains to "
-        "max_steps; 0 skips the search and takes the default shape (width first).",
+        "max_steps; 0 skips the search and takes the default shape (depth + width).",
     )
     layer_selection: LayerSelection = Field(
         "block_influence",

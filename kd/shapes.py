@@ -216,12 +216,20 @@ def candidate_shapes(
 
 
 def default_shape(candidates: list[Shape]) -> Shape:
-    """The shape used for a budget when no search runs: hidden + FFN width pruning
-    (Minitron's finding) when it fits, else the first candidate."""
+    """The shape used for a budget when no search runs (`python -m kd`, search_steps=0).
+
+    Measured (bench/pruning.py, BENCHMARKS.md: SmolLM2-135M, wikitext-2, 32 KD steps):
+    depth + width, a third of the way from the depth-only layer count to the teacher's,
+    was the best shape after KD at ~81M (53.87 vs depth only 53.92, width only 59.53+)
+    and second at ~50M (152.5; depth_width_2 110.8, depth only 164.1, width only 230+).
+    Pure width pruning, Minitron's pick after billions of tokens, came behind both at
+    this training budget. The search (a Ray job) trains each candidate and picks for
+    the budget at hand; this is the fallback.
+    """
     if not candidates:
         raise ValueError("no candidate shapes: the budget cannot be met within the tolerance")
     by_name = {s.name: s for s in candidates}
-    for name in ("width_hidden_ffn", "width_all", "depth_width_2", "width_ffn"):
+    for name in ("depth_width_1", "depth_width_2", "depth", "width_hidden_ffn"):
         if name in by_name:
             return by_name[name]
     return candidates[0]

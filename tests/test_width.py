@@ -13,6 +13,7 @@ from kd.shapes import (
     candidate_shapes,
     check_shape,
     count_params,
+    default_shape,
     parse_params,
     requested_shape,
     shape_params,
@@ -228,6 +229,11 @@ def test_count_params_smollm2_config_and_candidates(smollm2_folder):
         for c in cands:
             assert abs(shape_params(cfg, c) - target) <= 0.03 * target
             assert check_shape(c, teacher) == []
+        # without a search: the shape that did best over both budgets in bench/pruning.py
+        # (BENCHMARKS.md): 20 layers x 504 at 81M, 14 layers x 432 at 50M
+        d = default_shape(cands)
+        assert d.name == "depth_width_1", names
+        assert (d.layers, d.hidden) == {81_000_000: (20, 504), 50_000_000: (14, 432)}[target]
 
 
 # ---- config -------------------------------------------------------------------------
