@@ -126,6 +126,12 @@ def run(args) -> dict:
     return out
 
 
+def metrics(storage: Path, job: str) -> dict:
+    """The job's metrics.json ({} when it ended before writing one)."""
+    f = storage / "jobs" / job / "artifacts" / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 def where_ran(before: set[str]) -> dict[str, int]:
     """{actor class or task name: how many nodes it ran on}, for the actors and the
     shard-read tasks not in `before` (ids). The state API keeps the dead ones."""
@@ -151,8 +157,7 @@ def finished(storage: Path, work: Path, env: dict, job: str, cfg: dict) -> dict:
     t0, before = time.time(), {i for i, _, _ in _actors_and_reads()}
     proc = subprocess.Popen(job_cmd(cfg, job, storage, work), env=env, cwd=ROOT)
     rc = proc.wait(timeout=600)
-    metrics_file = storage / "jobs" / job / "artifacts" / "metrics.json"
-    m = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    m = metrics(storage, job)
     cache, ingest = m.get("teacher_cache") or {}, m.get("ingest") or {}
     return {
         "rc": rc,
@@ -170,31 +175,30 @@ def finished(storage: Path, work: Path, env: dict, job: str, cfg: dict) -> dict:
 
 def resume(args, cluster, nodes, storage, work, env, base) -> dict:
     """Placement, node lost, node back, resume, complete."""
-    out: dict = {}
     t0 = time.time()
     job = "mn-resume"
     cfg = base | {"max_steps": args.steps, "save_every": 3, "max_failures": 3}
     proc = subprocess.Popen(job_cmd(cfg, job, storage, work), env=env, cwd=ROOT)
     ids = {n.node_id for n in nodes}
     wait(lambda: busy_nodes(ids) == ids, 180, proc, "a worker on each node")
-    out["placed_on_both_worker_nodes"] = True
     wait(lambda: registered(storage, job), 180, proc, "a first registered checkpoint")
     cluster.remove_node(nodes[1], allow_graceful=False)
     removed_at = time.time()
     time.sleep(args.gap_s)  # no capacity: the controller waits for a second CPU
     nodes[1] = cluster.add_node(num_cpus=1)
     rc = proc.wait(timeout=600)
-    metrics_file = storage / "jobs" / job / "artifacts" / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    out["resume"] = {
-        "rc": rc,
-        "steps": metrics.get("steps"),
-        "world_size": metrics.get("world_size"),
-        "resumed_from_step": metrics.get("resumed_from_step"),
-        "node_removed_to_done_s": round(time.time() - removed_at, 1),
-        "wall_s": round(time.time() - t0, 1),
+    m = metrics(storage, job)
+    return {
+        "placed_on_both_worker_nodes": True,
+        "resume": {
+            "rc": rc,
+            "steps": m.get("steps"),
+            "world_size": m.get("world_size"),
+            "resumed_from_step": m.get("resumed_from_step"),
+            "node_removed_to_done_s": round(time.time() - removed_at, 1),
+            "wall_s": round(time.time() - t0, 1),
+        },
     }
-    return out
 
 
 def exhausted(args, cluster, nodes, storage, work, env, base) -> dict:

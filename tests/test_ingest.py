@@ -335,9 +335,10 @@ def test_ray_data_job_trains_when_its_workers_hold_every_cpu(
     if free < 2:
         pytest.skip(f"needs 2 free CPUs on the session Ray, it has {free}")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    # Two workers take every free CPU; an odd one left over is held by an idle actor.
-    spare = ray.remote(num_cpus=free % 2)(type("Hold", (), {"ping": lambda self: 1})).remote()
-    ray.get(spare.ping.remote())
+    # Two workers take every free CPU; an odd one left over is held by a placement group.
+    spare = ray.util.placement_group([{"CPU": 1}]) if free % 2 else None
+    if spare is not None:
+        ray.get(spare.ready())
     body = dict(max_steps=2, warmup_steps=1, save_every=0, logging_steps=1, data_pipeline="ray_data",
                 student_layers=1, num_workers=2, cpus_per_worker=free // 2)  # fmt: skip
     cfg = tiny_cfg(tiny_teacher, corpus, **body)
@@ -345,6 +346,7 @@ def test_ray_data_job_trains_when_its_workers_hold_every_cpu(
     try:
         build_trainer(cfg, paths, None, False, corpus=ing.prepare(cfg, Storage(tmp_path))).fit()
     finally:
-        ray.kill(spare)
+        if spare is not None:
+            ray.util.remove_placement_group(spare)
     metrics = Storage(tmp_path).read_json(paths.artifact_key("metrics.json"))
     assert metrics["steps"] == 2 and metrics["blocks_seen_by_rank"] == [8, 8]
